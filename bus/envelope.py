@@ -1,0 +1,207 @@
+"""The envelope: the contract's record headers as a frozen value, built and checked in one place.
+
+Headers must agree with the payload: ``xs-message-type`` names the decoded record,
+``xs-target`` is the province whose inbox the record is in, and a request's source and target
+are the provinces of its payload's regions (:data:`ROUTES`). Requests carry ``xs-reply-to`` and
+``xs-deadline``. A contradiction is a :class:`DecodeError`, which the runtime turns into a
+dead letter and an ``INVALID_MESSAGE`` report.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from bus.constants import (
+    FAMILY_CLAIM,
+    FAMILY_ERROR,
+    FAMILY_FILING,
+    FAMILY_REPLY,
+    FAMILY_SETTLEMENT,
+    H_ATTEMPT,
+    H_CORRELATION_ID,
+    H_DEADLINE,
+    H_MESSAGE_ID,
+    H_MESSAGE_TYPE,
+    H_REPLY_TO,
+    H_SENT_AT,
+    H_SOURCE,
+    H_TARGET,
+    H_TRACEPARENT,
+    PROVINCE_RE,
+    TOPIC_RE,
+    province_of,
+)
+from bus.errors import DecodeError
+from bus.models import (
+    ClaimPackage,
+    ErrorReport,
+    FilingReceipt,
+    FilingUpload,
+    Message,
+    ReviewResult,
+    SettlementNotice,
+)
+from bus.transport import Headers
+
+FAMILY_OF: dict[type[Message], str] = {
+    FilingUpload: FAMILY_FILING,
+    ClaimPackage: FAMILY_CLAIM,
+    SettlementNotice: FAMILY_SETTLEMENT,
+    FilingReceipt: FAMILY_REPLY,
+    ReviewResult: FAMILY_REPLY,
+    ErrorReport: FAMILY_ERROR,
+}
+"""The topic family each message type travels on."""
+
+REQUESTS: frozenset[type[Message]] = frozenset({FilingUpload, ClaimPackage})
+"""Message types that are requests and get exactly one terminal answer."""
+
+REPLY_OF: dict[type[Message], type[Message]] = {
+    FilingUpload: FilingReceipt,
+    ClaimPackage: ReviewResult,
+}
+"""The reply type that answers each request type (else an ErrorReport)."""
+
+ROUTES: dict[type[Message], tuple[str, str]] = {
+    FilingUpload: ("home_region", "host_region"),
+    ClaimPackage: ("host_region", "home_region"),
+}
+"""Payload fields whose provinces must equal (``xs-source``, ``xs-target``)."""
+
+
+def now_ms() -> int:
+    """Epoch milliseconds now."""
+    return time.time_ns() // 1_000_000
+
+
+def new_id() -> str:
+    """A fresh message id (UUID text)."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The contract headers of one message."""
+
+    message_id: str
+    """``xs-message-id``: unique per message, kept by re-sends."""
+    message_type: str
+    """``xs-message-type``: full Avro name of the payload."""
+    source: str
+    """``xs-source``: sending province."""
+    target: str
+    """``xs-target``: receiving province."""
+    sent_at_ms: int
+    """``xs-sent-at``: epoch milliseconds of this send."""
+    attempt: int = 1
+    """``xs-attempt``: 1, then +1 per re-send."""
+    reply_to: str | None = None
+    """``xs-reply-to`` (requests): topic of the answer."""
+    deadline_ms: int | None = None
+    """``xs-deadline`` (requests): epoch milliseconds by which an answer is due."""
+    correlation_id: str | None = None
+    """``xs-correlation-id`` (replies, error reports): the message answered."""
+    traceparent: str | None = None
+    """W3C trace context, passed through."""
+
+    def to_headers(self) -> Headers:
+        """The envelope as Kafka headers, in the contract's order."""
+        pairs: list[tuple[str, str]] = [
+            (H_MESSAGE_ID, self.message_id),
+            (H_MESSAGE_TYPE, self.message_type),
+            (H_SOURCE, self.source),
+            (H_TARGET, self.target),
+            (H_SENT_AT, str(self.sent_at_ms)),
+        ]
+        if self.reply_to is not None:
+            pairs.append((H_REPLY_TO, self.reply_to))
+        if self.deadline_ms is not None:
+            pairs.append((H_DEADLINE, str(self.deadline_ms)))
+        if self.correlation_id is not None:
+            pairs.append((H_CORRELATION_ID, self.correlation_id))
+        pairs.append((H_ATTEMPT, str(self.attempt)))
+        if self.traceparent is not None:
+            pairs.append((H_TRACEPARENT, self.traceparent))
+        return tuple((k, v.encode("utf-8")) for k, v in pairs)
+
+    def resent(self) -> Envelope:
+        """The same message sent again: same id, attempt + 1, new sent-at."""
+        return replace(self, attempt=self.attempt + 1, sent_at_ms=now_ms())
+
+    @classmethod
+    def from_headers(cls, headers: Headers) -> Envelope:
+        """Parse headers; :class:`DecodeError` ``missing_header`` or ``header_mismatch``."""
+        h = header_dict(headers)
+        missing = [
+            n for n in (H_MESSAGE_ID, H_MESSAGE_TYPE, H_SOURCE, H_TARGET, H_SENT_AT) if n not in h
+        ]
+        if missing:
+            raise DecodeError("missing_header", f"missing {', '.join(missing)}")
+        try:
+            return cls(
+                message_id=h[H_MESSAGE_ID],
+                message_type=h[H_MESSAGE_TYPE],
+                source=h[H_SOURCE],
+                target=h[H_TARGET],
+                sent_at_ms=int(h[H_SENT_AT]),
+                attempt=int(h.get(H_ATTEMPT, "1")),
+                reply_to=h.get(H_REPLY_TO),
+                deadline_ms=int(h[H_DEADLINE]) if H_DEADLINE in h else None,
+                correlation_id=h.get(H_CORRELATION_ID),
+                traceparent=h.get(H_TRACEPARENT),
+            )
+        except ValueError as exc:
+            raise DecodeError("header_mismatch", f"a numeric header is no number: {exc}") from exc
+
+
+def header_dict(headers: Headers) -> dict[str, str]:
+    """Headers as a dict of text (last one wins; undecodable bytes replaced)."""
+    return {k: v.decode("utf-8", errors="replace") for k, v in headers}
+
+
+def sender_of(headers: Headers) -> str | None:
+    """The ``xs-source`` province when it is a valid province code, else None."""
+    source = header_dict(headers).get(H_SOURCE)
+    return source if source is not None and PROVINCE_RE.match(source) else None
+
+
+def check(envelope: Envelope, message: Message, topic: str) -> None:
+    """Check that headers, topic and payload agree (the contract's header rules)."""
+    if envelope.message_type != message.avro_name:
+        raise DecodeError(
+            "header_mismatch",
+            f"xs-message-type {envelope.message_type} but the payload is {message.avro_name}",
+        )
+    parsed = TOPIC_RE.match(topic)
+    family = FAMILY_OF.get(type(message))
+    if parsed is not None:
+        if parsed.group(1) != family:
+            raise DecodeError(
+                "wrong_type", f"{message.avro_name} does not travel on {parsed.group(1)} topics"
+            )
+        if envelope.target != parsed.group(2):
+            raise DecodeError(
+                "header_mismatch",
+                f"xs-target {envelope.target} but the record is in {topic}",
+            )
+    for name, value in (("xs-source", envelope.source), ("xs-target", envelope.target)):
+        if not PROVINCE_RE.match(value):
+            raise DecodeError("header_mismatch", f"{name} {value!r} is not a province code")
+    if envelope.attempt < 1:
+        raise DecodeError("header_mismatch", f"xs-attempt {envelope.attempt} is below 1")
+    route = ROUTES.get(type(message))
+    if route is not None:
+        if envelope.reply_to is None or envelope.deadline_ms is None:
+            raise DecodeError("missing_header", "a request needs xs-reply-to and xs-deadline")
+        src = province_of(str(getattr(message, route[0])))
+        dst = province_of(str(getattr(message, route[1])))
+        if (src, dst) != (envelope.source, envelope.target):
+            raise DecodeError(
+                "header_mismatch",
+                f"headers say {envelope.source}->{envelope.target}, "
+                f"the {message.avro_name} says {src}->{dst}",
+            )
+    elif type(message) in (FilingReceipt, ReviewResult) and envelope.correlation_id is None:
+        raise DecodeError("missing_header", "a reply needs xs-correlation-id")

@@ -1,0 +1,260 @@
+"""Typed messages of wire contract v1, one pydantic model per Avro record.
+
+Kept in lockstep with ``schemas/*.avsc`` by ``tests/test_models_match_schemas.py``: a field
+added, renamed or retyped on one side and not the other fails that test. Money is ``int`` fen,
+times are timezone-aware UTC datetimes truncated to the millisecond (what ``timestamp-millis``
+carries), dates are ``datetime.date``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Annotated, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _utc_millis(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    value = value.astimezone(dt.UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+Timestamp = Annotated[dt.datetime, AfterValidator(_utc_millis)]
+"""A UTC instant at millisecond precision (Avro ``timestamp-millis``)."""
+
+Fen = Annotated[int, Field(strict=True)]
+"""An amount of money in fen (1 yuan = 100 fen). Never a float."""
+
+
+def now() -> dt.datetime:
+    """The current instant, as a :data:`Timestamp` value."""
+    return _utc_millis(dt.datetime.now(dt.UTC))
+
+
+# --- Enums (symbols exactly as in the .avsc files) -------------------------------------------
+class FilingAction(StrEnum):
+    CREATE = "CREATE"
+    UPDATE = "UPDATE"
+    REVOKE = "REVOKE"
+
+
+class InsuranceType(StrEnum):
+    EMPLOYEE = "EMPLOYEE"
+    RESIDENT = "RESIDENT"
+    RETIRED_CADRE = "RETIRED_CADRE"
+
+
+class FilingReason(StrEnum):
+    RELOCATED_RETIREE = "RELOCATED_RETIREE"
+    LONG_TERM_RESIDENT = "LONG_TERM_RESIDENT"
+    STATIONED_WORKER = "STATIONED_WORKER"
+    REFERRAL = "REFERRAL"
+    MIGRANT_WORKER = "MIGRANT_WORKER"
+    EMERGENCY = "EMERGENCY"
+    TEMPORARY = "TEMPORARY"
+
+
+class FilingChannel(StrEnum):
+    COUNTER = "COUNTER"
+    PHONE = "PHONE"
+    FAX = "FAX"
+    APP = "APP"
+    WEB = "WEB"
+
+
+class FilingStatus(StrEnum):
+    REGISTERED = "REGISTERED"
+    UPDATED = "UPDATED"
+    REVOKED = "REVOKED"
+
+
+class SettlementMode(StrEnum):
+    INSTANT = "INSTANT"
+    DELAYED = "DELAYED"
+    POINT_TO_POINT = "POINT_TO_POINT"
+
+
+class VisitType(StrEnum):
+    INPATIENT = "INPATIENT"
+    OUTPATIENT = "OUTPATIENT"
+    CHRONIC_OUTPATIENT = "CHRONIC_OUTPATIENT"
+    PHARMACY = "PHARMACY"
+
+
+class ItemCategory(StrEnum):
+    DRUG = "DRUG"
+    TREATMENT = "TREATMENT"
+    FACILITY = "FACILITY"
+
+
+class CatalogueClass(StrEnum):
+    A = "A"
+    B = "B"
+    SELF_PAY = "SELF_PAY"
+
+
+class ReviewDecision(StrEnum):
+    APPROVED = "APPROVED"
+    PARTIAL = "PARTIAL"
+    REJECTED = "REJECTED"
+
+
+class ErrorCode(StrEnum):
+    NOT_FILED = "NOT_FILED"
+    FILING_EXPIRED = "FILING_EXPIRED"
+    HOSPITAL_NOT_DESIGNATED = "HOSPITAL_NOT_DESIGNATED"
+    REGION_NOT_CONNECTED = "REGION_NOT_CONNECTED"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
+    CATALOGUE_ITEM_UNKNOWN = "CATALOGUE_ITEM_UNKNOWN"
+    DUPLICATE_CLAIM = "DUPLICATE_CLAIM"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    ORPHAN_REPLY = "ORPHAN_REPLY"
+    SIGNATURE_INVALID = "SIGNATURE_INVALID"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    UNKNOWN = "UNKNOWN"
+
+
+class Severity(StrEnum):
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+# --- Records ---------------------------------------------------------------------------------
+class Message(BaseModel):
+    """Base of every top-level message; ``avro_name`` is its full Avro name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    avro_name: ClassVar[str] = ""
+    """Full Avro name, also the ``xs-message-type`` header."""
+
+
+class FilingUpload(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.FilingUpload"
+    filing_id: str
+    action: FilingAction
+    person_id: str
+    person_name: str
+    insurance_type: InsuranceType
+    home_region: str
+    host_region: str
+    reason: FilingReason
+    channel: FilingChannel
+    valid_from: dt.date
+    valid_until: dt.date | None = None
+    referral_hospital: str | None = None
+    filed_at: Timestamp
+
+
+class FilingReceipt(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.FilingReceipt"
+    filing_id: str
+    person_id: str
+    host_region: str
+    status: FilingStatus
+    received_at: Timestamp
+
+
+class ClaimItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    item_code: str
+    item_name: str
+    category: ItemCategory
+    catalogue_class: CatalogueClass
+    quantity_milli: int
+    unit_price_fen: Fen
+    amount_fen: Fen
+
+
+class ClaimPackage(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.ClaimPackage"
+    claim_id: str
+    filing_id: str
+    person_id: str
+    home_region: str
+    host_region: str
+    hospital_code: str
+    hospital_level: int
+    settlement_mode: SettlementMode
+    visit_type: VisitType
+    admitted_at: Timestamp
+    discharged_at: Timestamp
+    diagnoses: tuple[str, ...]
+    items: tuple[ClaimItem, ...]
+    total_fen: Fen
+    advance_fen: Fen
+    submitted_at: Timestamp
+
+
+class ItemAdjustment(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    item_code: str
+    approved_fen: Fen
+    reason_code: str
+    note: str
+
+
+class ReviewResult(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.ReviewResult"
+    claim_id: str
+    decision: ReviewDecision
+    total_fen: Fen
+    eligible_fen: Fen
+    deductible_fen: Fen
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    personal_fen: Fen
+    advance_fen: Fen
+    balance_fen: Fen
+    adjustments: tuple[ItemAdjustment, ...]
+    reviewer: str
+    reviewed_at: Timestamp
+
+
+class SettlementNotice(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.SettlementNotice"
+    claim_id: str
+    personal_paid_fen: Fen
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    settled_at: Timestamp
+
+
+class ErrorReport(Message):
+    avro_name: ClassVar[str] = "xsettle.v1.ErrorReport"
+    error_id: str
+    code: ErrorCode = ErrorCode.UNKNOWN
+    message: str
+    ref_message_id: str | None = None
+    ref_message_type: str | None = None
+    ref_topic: str | None = None
+    ref_partition: int | None = None
+    ref_offset: int | None = None
+    detected_by: str
+    origin: str
+    responsible: str
+    retriable: bool
+    severity: Severity
+    occurred_at: Timestamp
+    details: dict[str, str] = Field(default_factory=dict)
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    FilingUpload,
+    FilingReceipt,
+    ClaimPackage,
+    ReviewResult,
+    SettlementNotice,
+    ErrorReport,
+)
+"""Every top-level family, in contract order."""
+
+MODEL_BY_NAME: dict[str, type[Message]] = {m.avro_name: m for m in MESSAGE_TYPES}
+"""Model class by full Avro name (the ``xs-message-type`` header)."""
