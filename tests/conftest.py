@@ -1,0 +1,107 @@
+"""Shared fixtures: one embedded broker per test session, unique names, nodes that clean up."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from bus.broker import EmbeddedBroker, create_contract_topics
+from bus.codec import Codec
+from bus.node import Node
+from bus.settings import BusSettings
+
+
+@pytest.fixture(scope="session")
+async def broker() -> AsyncIterator[str]:
+    """Bootstrap address of the session's broker: ``XSETTLE_BOOTSTRAP`` or an embedded one."""
+    external = os.environ.get("XSETTLE_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    async with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> BusSettings:
+    """Bus settings for tests: fast retries, fast sweeps, state in a temp folder."""
+    return BusSettings(
+        idempotence=False if not os.environ.get("XSETTLE_BOOTSTRAP") else None,
+        state_dir=tmp_path_factory.mktemp("state"),
+        retry_initial_ms=20,
+        retry_max_ms=100,
+        retry_attempts=3,
+        sweep_interval_ms=50,
+    )
+
+
+@pytest.fixture(scope="session")
+def codec() -> Codec:
+    """The codec over the contract's schemas."""
+    return Codec()
+
+
+class ProvincePool:
+    """Hands out province codes no other test in this session used, so topics never clash."""
+
+    def __init__(self) -> None:
+        self._next = 10
+
+    def take(self) -> str:
+        """A fresh province code ``NN0000``."""
+        if self._next > 99:
+            raise RuntimeError("the session ran out of fresh province codes")
+        code = f"{self._next:02d}0000"
+        self._next += 1
+        return code
+
+
+@pytest.fixture(scope="session")
+def province_pool() -> ProvincePool:
+    """The session's pool of unused province codes."""
+    return ProvincePool()
+
+
+@pytest.fixture
+def unique_topic() -> Callable[[str], str]:
+    """Makes topic names unique to this test."""
+    return lambda stem: f"test.{stem}.{uuid.uuid4().hex[:12]}"
+
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def make_node(
+    broker: str, settings: BusSettings, tmp_path: Path
+) -> AsyncIterator[NodeFactory]:
+    """Factory of started nodes on the session broker; every node is stopped afterwards."""
+    made: list[Node] = []
+
+    async def factory(
+        province: str, *, start: bool = True, state: Path | None = None, **kw: object
+    ) -> Node:
+        await create_contract_topics(settings, broker, [province])
+        node_settings = settings.model_copy(update={"state_dir": state or tmp_path, **kw})
+        node = Node(province, node_settings, bootstrap=broker)
+        made.append(node)
+        if start:
+            await node.start()
+        return node
+
+    yield factory
+    for node in made:
+        await node.stop()
+        node.store.close()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A folder for durable state that outlives one node (restart tests)."""
+    path = tmp_path / "durable"
+    path.mkdir()
+    return path

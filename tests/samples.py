@@ -1,0 +1,167 @@
+"""Sample messages of every family, valid under the contract, for tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bus.models import (
+    CatalogueClass,
+    ClaimItem,
+    ClaimPackage,
+    ErrorCode,
+    ErrorReport,
+    FilingAction,
+    FilingChannel,
+    FilingReason,
+    FilingReceipt,
+    FilingStatus,
+    FilingUpload,
+    InsuranceType,
+    ItemAdjustment,
+    ItemCategory,
+    Message,
+    ReviewDecision,
+    ReviewResult,
+    SettlementMode,
+    SettlementNotice,
+    Severity,
+    VisitType,
+)
+
+AT = dt.datetime(2026, 5, 17, 9, 30, 12, 345000, tzinfo=dt.UTC)
+PERSON = "130102195001011234"
+
+
+def filing(home: str = "130100", host: str = "460100", person: str = PERSON) -> FilingUpload:
+    """A CREATE filing from ``home`` region to ``host`` region."""
+    return FilingUpload(
+        filing_id="F-1",
+        action=FilingAction.CREATE,
+        person_id=person,
+        person_name="张建国",
+        insurance_type=InsuranceType.EMPLOYEE,
+        home_region=home,
+        host_region=host,
+        reason=FilingReason.RELOCATED_RETIREE,
+        channel=FilingChannel.APP,
+        valid_from=dt.date(2026, 1, 1),
+        valid_until=None,
+        referral_hospital=None,
+        filed_at=AT,
+    )
+
+
+def claim(
+    home: str = "130100", host: str = "460100", claim_id: str = "C-1", person: str = PERSON
+) -> ClaimPackage:
+    """A DELAYED inpatient claim of 250 yuan with two items."""
+    items = (
+        ClaimItem(
+            item_code="D001",
+            item_name="阿莫西林胶囊",
+            category=ItemCategory.DRUG,
+            catalogue_class=CatalogueClass.A,
+            quantity_milli=2000,
+            unit_price_fen=5000,
+            amount_fen=10000,
+        ),
+        ClaimItem(
+            item_code="F001",
+            item_name="床位费",
+            category=ItemCategory.FACILITY,
+            catalogue_class=CatalogueClass.B,
+            quantity_milli=3000,
+            unit_price_fen=5000,
+            amount_fen=15000,
+        ),
+    )
+    return ClaimPackage(
+        claim_id=claim_id,
+        filing_id="F-1",
+        person_id=person,
+        home_region=home,
+        host_region=host,
+        hospital_code="H46010001",
+        hospital_level=3,
+        settlement_mode=SettlementMode.DELAYED,
+        visit_type=VisitType.INPATIENT,
+        admitted_at=AT,
+        discharged_at=AT + dt.timedelta(days=3),
+        diagnoses=("K35.8",),
+        items=items,
+        total_fen=25000,
+        advance_fen=6250,
+        submitted_at=AT + dt.timedelta(days=3, hours=1),
+    )
+
+
+def receipt() -> FilingReceipt:
+    """A receipt for :func:`filing`."""
+    return FilingReceipt(
+        filing_id="F-1",
+        person_id=PERSON,
+        host_region="460100",
+        status=FilingStatus.REGISTERED,
+        received_at=AT,
+    )
+
+
+def review(claim_id: str = "C-1") -> ReviewResult:
+    """A partial review of :func:`claim`."""
+    return ReviewResult(
+        claim_id=claim_id,
+        decision=ReviewDecision.PARTIAL,
+        total_fen=25000,
+        eligible_fen=23500,
+        deductible_fen=0,
+        fund_fen=18800,
+        critical_illness_fen=0,
+        assistance_fen=0,
+        personal_fen=6200,
+        advance_fen=6250,
+        balance_fen=-50,
+        adjustments=(
+            ItemAdjustment(
+                item_code="F001", approved_fen=13500, reason_code="B_SELF_SHARE", note="10%"
+            ),
+        ),
+        reviewer="130100-auto",
+        reviewed_at=AT,
+    )
+
+
+def notice() -> SettlementNotice:
+    """A settlement notice for :func:`claim`."""
+    return SettlementNotice(
+        claim_id="C-1",
+        personal_paid_fen=6200,
+        fund_fen=18800,
+        critical_illness_fen=0,
+        assistance_fen=0,
+        settled_at=AT,
+    )
+
+
+def error_report() -> ErrorReport:
+    """A NOT_FILED report."""
+    return ErrorReport(
+        error_id="E-1",
+        code=ErrorCode.NOT_FILED,
+        message="no filing",
+        ref_message_id="m-1",
+        ref_message_type="xsettle.v1.ClaimPackage",
+        ref_topic="xsettle.claim.130000",
+        ref_partition=1,
+        ref_offset=42,
+        detected_by="460000",
+        origin="460000",
+        responsible="130000",
+        retriable=False,
+        severity=Severity.ERROR,
+        occurred_at=AT,
+        details={"hospital": "H46010001"},
+    )
+
+
+ALL: tuple[Message, ...] = (filing(), receipt(), claim(), review(), notice(), error_report())
+"""One valid message of every family."""

@@ -1,0 +1,125 @@
+"""The codec: Avro single-object encoding per the specification, and typed decode errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bus.codec import Codec, SchemaStore, canonical_form, crc64_avro, fingerprint
+from bus.errors import DecodeError
+from bus.models import ClaimPackage, Message
+from schemas import SCHEMA_DIR
+from tests import samples
+
+
+class TestFingerprint:
+    def test_null_schema_matches_the_avro_specification(self) -> None:
+        """CRC-64-AVRO of ``"null"`` is 0x63DD24E7CC258F8A, written 8A 8F 25 CC E7 24 DD 63."""
+        assert crc64_avro(b'"null"') == 0x63DD24E7CC258F8A
+        assert fingerprint("null") == bytes.fromhex("8a8f25cce724dd63")
+
+    def test_logical_type_and_doc_are_not_part_of_the_canonical_form(self) -> None:
+        """A record with timestamp-millis and docs fingerprints like its bare canonical form."""
+        rich = {
+            "type": "record",
+            "name": "T",
+            "namespace": "xsettle.v1",
+            "doc": "a doc",
+            "fields": [
+                {
+                    "name": "at",
+                    "doc": "x",
+                    "type": {"type": "long", "logicalType": "timestamp-millis"},
+                }
+            ],
+        }
+        bare = '{"name":"xsettle.v1.T","type":"record","fields":[{"name":"at","type":"long"}]}'
+        assert canonical_form(rich) == bare
+        assert fingerprint(rich) == crc64_avro(bare.encode()).to_bytes(8, "little")
+
+    def test_every_schema_file_has_a_distinct_fingerprint(self) -> None:
+        """The six contract schemas resolve to six different fingerprints."""
+        store = SchemaStore.default()
+        fps = {store.current(name).fingerprint for name in store.names()}
+        assert len(fps) == 6
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize("message", samples.ALL, ids=lambda m: type(m).__name__)
+    def test_every_family_round_trips(self, codec: Codec, message: Message) -> None:
+        """Encoding then decoding gives the same typed message, framed as single-object."""
+        data = codec.encode(message)
+        assert data[:2] == b"\xc3\x01"
+        assert data[2:10] == SchemaStore.default().current(message.avro_name).fingerprint
+        assert codec.decode(data) == message
+
+    def test_reading_with_a_newer_reader_schema_resolves(self, codec: Codec) -> None:
+        """A record written with today's ClaimPackage decodes under a newer reader schema."""
+        current = json.loads((SCHEMA_DIR / "ClaimPackage.avsc").read_text())
+        newer = dict(
+            current,
+            fields=[
+                *current["fields"],
+                {"name": "note", "type": ["null", "string"], "default": None, "doc": "added"},
+            ],
+        )
+        reader_store = SchemaStore()
+        reader_store.add(newer, current=True)
+        reader_store.add(current, current=False)
+        name, decoded = Codec(reader_store).decode_dict(codec.encode(samples.claim()))
+        assert name == "xsettle.v1.ClaimPackage"
+        assert decoded["note"] is None
+        assert decoded["claim_id"] == "C-1"
+        assert decoded["diagnoses"] == ["K35.8"]
+
+
+class TestDecodeErrors:
+    def test_garbage_is_a_bad_marker(self, codec: Codec) -> None:
+        """Bytes that do not start with C3 01 raise DecodeError kind bad_marker."""
+        with pytest.raises(DecodeError) as info:
+            codec.decode(b"hello, world")
+        assert info.value.kind == "bad_marker"
+
+    @pytest.mark.parametrize("cut", [1, 5, 10, 30])
+    def test_truncated_record(self, codec: Codec, cut: int) -> None:
+        """A value cut short raises DecodeError kind truncated."""
+        data = codec.encode(samples.claim())
+        with pytest.raises(DecodeError) as info:
+            codec.decode(data[:cut])
+        assert info.value.kind == "truncated"
+
+    def test_unknown_fingerprint(self, codec: Codec) -> None:
+        """A fingerprint no schema has raises DecodeError kind unknown_fingerprint."""
+        data = codec.encode(samples.claim())
+        with pytest.raises(DecodeError) as info:
+            codec.decode(data[:2] + b"\x00" * 8 + data[10:])
+        assert info.value.kind == "unknown_fingerprint"
+
+    def test_trailing_bytes_are_malformed(self, codec: Codec) -> None:
+        """Extra bytes after the record raise DecodeError kind malformed."""
+        with pytest.raises(DecodeError) as info:
+            codec.decode(codec.encode(samples.notice()) + b"\x00\x01")
+        assert info.value.kind == "malformed"
+
+    def test_wrong_type(self, codec: Codec) -> None:
+        """decode_as refuses a record of another family."""
+        with pytest.raises(DecodeError) as info:
+            codec.decode_as(codec.encode(samples.notice()), ClaimPackage)
+        assert info.value.kind == "wrong_type"
+
+    @given(st.binary(max_size=200))
+    def test_any_bytes_raise_only_decode_error(self, data: bytes) -> None:
+        """Random bytes never escape as a bare fastavro exception."""
+        codec = Codec()
+        framed = (
+            b"\xc3\x01"
+            + SchemaStore.default().current("xsettle.v1.ClaimPackage").fingerprint
+            + data
+        )
+        for value in (data, framed):
+            with contextlib.suppress(DecodeError):
+                codec.decode(value)
