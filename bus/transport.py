@@ -86,9 +86,17 @@ class Producer:
     """Produces records; settings tuned for the bus (acks=all, small linger, batching)."""
 
     def __init__(self, settings: BusSettings, bootstrap: str, *, name: str = "producer") -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            client_id=f"{settings.client_id}-{name}",
+        self._settings = settings
+        self._bootstrap = bootstrap
+        self._name = name
+        self._producer: Any = None
+        self._started = False
+
+    def _new(self) -> Any:
+        settings = self._settings
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=f"{settings.client_id}-{self._name}",
             acks=settings.acks,
             linger_ms=settings.linger_ms,
             max_batch_size=settings.max_batch_size,
@@ -96,12 +104,13 @@ class Producer:
             enable_idempotence=settings.producer_idempotence,
             request_timeout_ms=settings.request_timeout_ms,
         )
-        self._started = False
 
     async def start(self) -> None:
-        """Connect; harmless when already started."""
+        """Connect (a fresh client each time: aiokafka clients cannot restart); harmless
+        when already started."""
         if self._started:
             return
+        self._producer = self._new()
         try:
             await self._producer.start()
         except KafkaError as exc:

@@ -49,15 +49,16 @@ class ProvincePool:
     """Hands out province codes no other test in this session used, so topics never clash."""
 
     def __init__(self) -> None:
-        self._next = 10
+        from adapters.directory import Directory
+
+        reserved = set(Directory.default().provinces())
+        self._free = [c for c in (f"{n:02d}0000" for n in range(10, 100)) if c not in reserved]
 
     def take(self) -> str:
-        """A fresh province code ``NN0000``."""
-        if self._next > 99:
+        """A fresh province code ``NN0000`` that the default directory does not use."""
+        if not self._free:
             raise RuntimeError("the session ran out of fresh province codes")
-        code = f"{self._next:02d}0000"
-        self._next += 1
-        return code
+        return self._free.pop(0)
 
 
 @pytest.fixture(scope="session")

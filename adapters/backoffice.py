@@ -1,0 +1,388 @@
+"""The back-office seam: how each role reaches its province's own systems.
+
+A real province joins the bus by implementing :class:`HomeBackOffice` (persons and their
+insurance, filings, the fund ledger and annual cap use, reviews) and :class:`HostBackOffice`
+(filings received, hospitals' claims, patients' payments and refunds). The roles never touch
+anything else. :class:`SqliteBackOffice` is the durable reference implementation used by the
+demo and ``xsettle province``; simulators drive it from outside, like a hospital desk would.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from adapters.rules import YearUsage
+from bus.models import (
+    ClaimPackage,
+    FilingStatus,
+    FilingUpload,
+    InsuranceType,
+    ReviewResult,
+    SettlementNotice,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """An insured person as the home agency knows them."""
+
+    person_id: str
+    """Social security number (the 18-digit resident ID)."""
+    name: str
+    """Full name (personal data: never logged unmasked)."""
+    insurance_type: InsuranceType
+    """Employee, resident or retired cadre."""
+    home_region: str
+    """Pooling region where the person is insured."""
+    assistance_eligible: bool = False
+    """Marked eligible for medical assistance (医疗救助)."""
+
+
+class ClaimState(StrEnum):
+    """Where a claim stands at the host."""
+
+    AWAITING_REVIEW = "AWAITING_REVIEW"
+    """Sent to the home, no answer yet."""
+    FALLBACK = "FALLBACK"
+    """Instant review did not come in time: advance collected, waiting as delayed."""
+    SETTLED = "SETTLED"
+    """Reviewed and settled with the patient (terminal)."""
+    REFUSED = "REFUSED"
+    """The home answered with an error report: the patient pays in full (terminal)."""
+
+
+TERMINAL_STATES = frozenset({ClaimState.SETTLED, ClaimState.REFUSED})
+
+
+@dataclass(frozen=True, slots=True)
+class HostClaim:
+    """A claim as the host keeps it."""
+
+    claim: ClaimPackage
+    """The package as sent."""
+    request_id: str | None
+    """``xs-message-id`` it was sent with."""
+    state: ClaimState
+    """Where it stands."""
+    advance_collected_fen: int = 0
+    """Advance the patient paid before review."""
+    review: ReviewResult | None = None
+    """The home's review, once come."""
+    balance_fen: int = 0
+    """Personal share − advance collected: > 0 top-up, < 0 refund."""
+    error_code: str | None = None
+    """The home's error code when refused."""
+
+
+class HomeBackOffice(Protocol):
+    """The home agency's systems (参保地经办机构)."""
+
+    def person(self, person_id: str) -> Person | None:
+        """An insured person of this province, or None."""
+
+    def record_filing(self, filing: FilingUpload) -> None:
+        """Keep a filing the agency registered (create, update or revoke)."""
+
+    def filings_of(self, person_id: str) -> list[FilingUpload]:
+        """The person's filings, latest last."""
+
+    def record_receipt(self, filing_id: str, status: FilingStatus) -> None:
+        """The host acknowledged a filing."""
+
+    def year_usage(self, person_id: str, year: int) -> YearUsage:
+        """What the person used of this year's caps."""
+
+    def review_of(self, claim_id: str) -> tuple[str, ReviewResult] | None:
+        """(request id, result) of a claim already reviewed."""
+
+    def record_review(
+        self,
+        claim_id: str,
+        person_id: str,
+        request_id: str,
+        result: ReviewResult,
+        year: int,
+        usage: YearUsage,
+    ) -> tuple[str, ReviewResult]:
+        """Store a review and the person's new usage atomically; if the claim was reviewed
+        before, change nothing and return the earlier (request id, result)."""
+
+    def record_settlement(self, notice: SettlementNotice) -> None:
+        """The host closed a claim (basis of monthly clearing)."""
+
+
+class HostBackOffice(Protocol):
+    """The host's systems (就医地: filing registry, hospitals' bills, patients' payments)."""
+
+    def register_filing(self, filing: FilingUpload) -> FilingStatus:
+        """Apply a filing upload to the registry; the receipt status."""
+
+    def filing_for(self, person_id: str) -> FilingUpload | None:
+        """The person's current filing here (the revoked one too, to tell apart)."""
+
+    def save_claim(self, claim: HostClaim, payments: Sequence[tuple[str, int]] = ()) -> None:
+        """Insert or replace a claim together with the payments (kind, fen) that moved it
+        there, in one transaction: a crash never records money without the state."""
+
+    def claim(self, claim_id: str) -> HostClaim | None:
+        """A claim by id."""
+
+    def claim_by_request(self, request_id: str) -> HostClaim | None:
+        """The claim sent with this request id."""
+
+    def claims(self, *, open_only: bool = False) -> list[HostClaim]:
+        """All claims (or only those not in a terminal state)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS persons (person_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS home_filings (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, filing_id TEXT, person_id TEXT, data TEXT,
+    receipt TEXT);
+CREATE INDEX IF NOT EXISTS home_filings_person ON home_filings (person_id);
+CREATE TABLE IF NOT EXISTS usage (person_id TEXT, year INTEGER, data TEXT,
+    PRIMARY KEY (person_id, year));
+CREATE TABLE IF NOT EXISTS reviews (claim_id TEXT PRIMARY KEY, request_id TEXT, data TEXT);
+CREATE TABLE IF NOT EXISTS settlements (claim_id TEXT PRIMARY KEY, data TEXT);
+CREATE TABLE IF NOT EXISTS host_filings (person_id TEXT PRIMARY KEY, data TEXT);
+CREATE TABLE IF NOT EXISTS claims (claim_id TEXT PRIMARY KEY, request_id TEXT, state TEXT,
+    data TEXT);
+CREATE INDEX IF NOT EXISTS claims_request ON claims (request_id);
+CREATE TABLE IF NOT EXISTS payments (seq INTEGER PRIMARY KEY AUTOINCREMENT, claim_id TEXT,
+    kind TEXT, amount_fen INTEGER);
+"""
+
+
+def _dump_claim(c: HostClaim) -> str:
+    return json.dumps(
+        {
+            "claim": c.claim.model_dump(mode="json"),
+            "request_id": c.request_id,
+            "state": c.state.value,
+            "advance": c.advance_collected_fen,
+            "review": c.review.model_dump(mode="json") if c.review else None,
+            "balance": c.balance_fen,
+            "error_code": c.error_code,
+        }
+    )
+
+
+def _load_claim(text: str) -> HostClaim:
+    d = json.loads(text)
+    return HostClaim(
+        claim=ClaimPackage.model_validate(d["claim"]),
+        request_id=d["request_id"],
+        state=ClaimState(d["state"]),
+        advance_collected_fen=d["advance"],
+        review=ReviewResult.model_validate(d["review"]) if d["review"] else None,
+        balance_fen=d["balance"],
+        error_code=d["error_code"],
+    )
+
+
+class SqliteBackOffice:
+    """Reference back office of one province (both roles), one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        """Release the file."""
+        self._db.close()
+
+    # --- home -----------------------------------------------------------------------------
+    def add_person(self, person: Person) -> None:
+        """Enrol a person (the simulators' and tests' way in)."""
+        data = {
+            "person_id": person.person_id,
+            "name": person.name,
+            "insurance_type": person.insurance_type.value,
+            "home_region": person.home_region,
+            "assistance_eligible": person.assistance_eligible,
+        }
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO persons VALUES (?, ?)", (person.person_id, json.dumps(data))
+            )
+
+    def person(self, person_id: str) -> Person | None:
+        rows = self._all("SELECT data FROM persons WHERE person_id = ?", (person_id,))
+        if not rows:
+            return None
+        d = json.loads(rows[0][0])
+        return Person(
+            person_id=d["person_id"],
+            name=d["name"],
+            insurance_type=InsuranceType(d["insurance_type"]),
+            home_region=d["home_region"],
+            assistance_eligible=d["assistance_eligible"],
+        )
+
+    def record_filing(self, filing: FilingUpload) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO home_filings (filing_id, person_id, data) VALUES (?, ?, ?)",
+                (filing.filing_id, filing.person_id, filing.model_dump_json()),
+            )
+
+    def filings_of(self, person_id: str) -> list[FilingUpload]:
+        rows = self._all(
+            "SELECT data FROM home_filings WHERE person_id = ? ORDER BY seq", (person_id,)
+        )
+        return [FilingUpload.model_validate_json(r[0]) for r in rows]
+
+    def record_receipt(self, filing_id: str, status: FilingStatus) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE home_filings SET receipt = ? WHERE filing_id = ?", (status.value, filing_id)
+            )
+
+    def receipts(self) -> dict[str, int]:
+        """Filings by receipt status ("" for none yet)."""
+        rows = self._all("SELECT COALESCE(receipt, ''), count(*) FROM home_filings GROUP BY 1")
+        return {str(k): int(v) for k, v in rows}
+
+    def year_usage(self, person_id: str, year: int) -> YearUsage:
+        rows = self._all(
+            "SELECT data FROM usage WHERE person_id = ? AND year = ?", (person_id, year)
+        )
+        return YearUsage.model_validate_json(rows[0][0]) if rows else YearUsage()
+
+    def review_of(self, claim_id: str) -> tuple[str, ReviewResult] | None:
+        rows = self._all("SELECT request_id, data FROM reviews WHERE claim_id = ?", (claim_id,))
+        if not rows:
+            return None
+        return str(rows[0][0]), ReviewResult.model_validate_json(rows[0][1])
+
+    def record_review(
+        self,
+        claim_id: str,
+        person_id: str,
+        request_id: str,
+        result: ReviewResult,
+        year: int,
+        usage: YearUsage,
+    ) -> tuple[str, ReviewResult]:
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT request_id, data FROM reviews WHERE claim_id = ?", (claim_id,)
+            ).fetchone()
+            if row is not None:
+                return str(row[0]), ReviewResult.model_validate_json(row[1])
+            cur.execute(
+                "INSERT INTO reviews VALUES (?, ?, ?)",
+                (claim_id, request_id, result.model_dump_json()),
+            )
+            cur.execute(
+                "INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
+                (person_id, year, usage.model_dump_json()),
+            )
+        return request_id, result
+
+    def reviews(self) -> list[ReviewResult]:
+        """Every review made (the demo's report reads these)."""
+        return [
+            ReviewResult.model_validate_json(r[0]) for r in self._all("SELECT data FROM reviews")
+        ]
+
+    def record_settlement(self, notice: SettlementNotice) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO settlements VALUES (?, ?)",
+                (notice.claim_id, notice.model_dump_json()),
+            )
+
+    def settlements(self) -> list[SettlementNotice]:
+        """Every settlement notice received."""
+        return [
+            SettlementNotice.model_validate_json(r[0])
+            for r in self._all("SELECT data FROM settlements")
+        ]
+
+    # --- host -----------------------------------------------------------------------------
+    def register_filing(self, filing: FilingUpload) -> FilingStatus:
+        status = {
+            "CREATE": FilingStatus.REGISTERED,
+            "UPDATE": FilingStatus.UPDATED,
+            "REVOKE": FilingStatus.REVOKED,
+        }[filing.action.value]
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO host_filings VALUES (?, ?)",
+                (filing.person_id, filing.model_dump_json()),
+            )
+        return status
+
+    def filing_for(self, person_id: str) -> FilingUpload | None:
+        rows = self._all("SELECT data FROM host_filings WHERE person_id = ?", (person_id,))
+        return FilingUpload.model_validate_json(rows[0][0]) if rows else None
+
+    def save_claim(self, claim: HostClaim, payments: Sequence[tuple[str, int]] = ()) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                (claim.claim.claim_id, claim.request_id, claim.state.value, _dump_claim(claim)),
+            )
+            cur.executemany(
+                "INSERT INTO payments (claim_id, kind, amount_fen) VALUES (?, ?, ?)",
+                [(claim.claim.claim_id, kind, fen) for kind, fen in payments if fen],
+            )
+
+    def claim(self, claim_id: str) -> HostClaim | None:
+        rows = self._all("SELECT data FROM claims WHERE claim_id = ?", (claim_id,))
+        return _load_claim(rows[0][0]) if rows else None
+
+    def claim_by_request(self, request_id: str) -> HostClaim | None:
+        rows = self._all("SELECT data FROM claims WHERE request_id = ?", (request_id,))
+        return _load_claim(rows[0][0]) if rows else None
+
+    def claims(self, *, open_only: bool = False) -> list[HostClaim]:
+        if open_only:
+            rows = self._all(
+                "SELECT data FROM claims WHERE state NOT IN (?, ?)",
+                (ClaimState.SETTLED.value, ClaimState.REFUSED.value),
+            )
+        else:
+            rows = self._all("SELECT data FROM claims")
+        return [_load_claim(r[0]) for r in rows]
+
+    def payments(self, claim_id: str | None = None) -> list[tuple[str, str, int]]:
+        """(claim id, kind, fen) of every payment, optionally of one claim."""
+        if claim_id is None:
+            rows = self._all("SELECT claim_id, kind, amount_fen FROM payments ORDER BY seq")
+        else:
+            rows = self._all(
+                "SELECT claim_id, kind, amount_fen FROM payments WHERE claim_id = ? ORDER BY seq",
+                (claim_id,),
+            )
+        return [(str(a), str(b), int(c)) for a, b, c in rows]

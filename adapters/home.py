@@ -1,0 +1,214 @@
+"""The home role (参保地): files persons to hosts, and reviews their claims under home policy.
+
+Checks before paying, each with the contract's code: the claim's home region has a policy and
+an agreement with the host (``REGION_NOT_CONNECTED``), the hospital is designated and allowed
+(``HOSPITAL_NOT_DESIGNATED``), the person has a valid filing for that host (``NOT_FILED``,
+``FILING_EXPIRED``), the amounts add up (``AMOUNT_MISMATCH``), every item is in the host
+catalogue (``CATALOGUE_ITEM_UNKNOWN``), and the claim was not answered before under another
+message id (``DUPLICATE_CLAIM``). The review itself is :func:`adapters.rules.review`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import structlog
+
+from adapters.backoffice import HomeBackOffice
+from adapters.directory import Directory, province_of
+from adapters.rules import check_amounts, review, review_result
+from bus import errors
+from bus.models import (
+    ClaimPackage,
+    ErrorCode,
+    ErrorReport,
+    FilingAction,
+    FilingReason,
+    FilingReceipt,
+    FilingUpload,
+    Message,
+    ReviewResult,
+    SettlementMode,
+    SettlementNotice,
+    now,
+)
+from bus.node import Answer, Context, Node
+
+log = structlog.get_logger(__name__)
+
+FILING_DEADLINE_S = 60.0
+"""A host registers a filing in real time (seed 000: uploaded at once); a minute is generous."""
+
+
+def filing_covers(filing: FilingUpload, host_region: str, on: dt.date) -> ErrorCode | None:
+    """Why ``filing`` does not cover a visit in ``host_region`` on day ``on`` (None: it does).
+
+    A filing names a province or a city, never a hospital; a city filing covers that city only.
+    """
+    if filing.action is FilingAction.REVOKE:
+        return ErrorCode.FILING_EXPIRED
+    target = filing.host_region
+    if target.endswith("0000"):
+        if province_of(host_region) != target:
+            return ErrorCode.FILING_EXPIRED
+    elif target != host_region:
+        return ErrorCode.FILING_EXPIRED
+    if on < filing.valid_from:
+        return ErrorCode.FILING_EXPIRED
+    if filing.valid_until is not None and on > filing.valid_until:
+        return ErrorCode.FILING_EXPIRED
+    return None
+
+
+class HomeRole:
+    """The home agency of one province on the bus."""
+
+    def __init__(
+        self,
+        node: Node,
+        directory: Directory,
+        backoffice: HomeBackOffice,
+        *,
+        review_delay_s: float = 0.0,
+        reviewer: str | None = None,
+    ) -> None:
+        self.node = node
+        self.directory = directory
+        self.backoffice = backoffice
+        self.review_delay_s = review_delay_s
+        self.reviewer = reviewer or f"{node.province}-auto"
+        self.reports: list[ErrorReport] = []
+        """Error reports addressed to this province that answered nothing of ours."""
+        node.on(ClaimPackage)(self._on_claim)
+        node.on(SettlementNotice)(self._on_settlement)
+        node.on(ErrorReport)(self._on_report)
+        node.on_answer(FilingUpload)(self._on_receipt)
+
+    async def file(self, filing: FilingUpload) -> str:
+        """Register a filing here and upload it to the host; returns the request id."""
+        self.backoffice.record_filing(filing)
+        return await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
+
+    async def _on_receipt(self, answer: Answer) -> None:
+        if isinstance(answer.message, FilingReceipt):
+            self.backoffice.record_receipt(answer.message.filing_id, answer.message.status)
+        else:
+            log.warning("filing_not_registered", code=str(answer.code), target=answer.target)
+
+    async def _on_settlement(self, message: Message, ctx: Context) -> None:
+        assert isinstance(message, SettlementNotice)
+        self.backoffice.record_settlement(message)
+
+    async def _on_report(self, message: Message, ctx: Context) -> None:
+        assert isinstance(message, ErrorReport)
+        self.reports.append(message)
+        log.info(
+            "error_report_received",
+            code=message.code.value,
+            origin=message.origin,
+            detected_by=message.detected_by,
+            correlation_id=ctx.envelope.correlation_id,
+        )
+
+    def _refuse(self, code: ErrorCode, text: str, *, responsible: str) -> errors.Rejection:
+        return errors.Rejection(code, text, details={"responsible": responsible})
+
+    async def _on_claim(self, message: Message, ctx: Context) -> ReviewResult:
+        assert isinstance(message, ClaimPackage)
+        claim = message
+        host = ctx.envelope.source
+        done = self.backoffice.review_of(claim.claim_id)
+        if done is not None:
+            request_id, result = done
+            if request_id == ctx.envelope.message_id:
+                return result  # handled before a crash: same answer again
+            raise self._refuse(
+                ErrorCode.DUPLICATE_CLAIM,
+                f"claim {claim.claim_id} was already answered (request {request_id})",
+                responsible=host,
+            )
+        policy = self.directory.policy(claim.home_region)
+        agreement = self.directory.agreement(claim.home_region, host)
+        if policy is None or agreement is None:
+            raise self._refuse(
+                ErrorCode.REGION_NOT_CONNECTED,
+                f"region {claim.home_region} has no agreement with {host}",
+                responsible=host,
+            )
+        hospital = self.directory.hospital(claim.hospital_code)
+        if hospital is None or hospital.province != host:
+            raise self._refuse(
+                ErrorCode.HOSPITAL_NOT_DESIGNATED,
+                f"{claim.hospital_code} is not a designated hospital of {host}",
+                responsible=host,
+            )
+        if not self.directory.allows(agreement, claim.hospital_code):
+            raise self._refuse(
+                ErrorCode.HOSPITAL_NOT_DESIGNATED,
+                f"{claim.hospital_code} is not allowed by {claim.home_region}'s agreement",
+                responsible=host,
+            )
+        person = self.backoffice.person(claim.person_id)
+        filings = self.backoffice.filings_of(claim.person_id)
+        if person is None or not filings:
+            raise self._refuse(
+                ErrorCode.NOT_FILED, "no filing for this person", responsible=self.node.province
+            )
+        latest = filings[-1]
+        visit_day = claim.admitted_at.date()
+        why = filing_covers(latest, claim.host_region, visit_day)
+        if why is not None and latest.reason is not FilingReason.EMERGENCY:
+            raise self._refuse(
+                why,
+                f"filing {latest.filing_id} does not cover {claim.host_region} on {visit_day}",
+                responsible=self.node.province,
+            )
+        problems = check_amounts(
+            claim, max_advance_permille=self.directory.max_advance_permille(host)
+        )
+        if problems:
+            raise self._refuse(ErrorCode.AMOUNT_MISMATCH, "; ".join(problems), responsible=host)
+        catalogue = self.directory.catalogue(host)
+        unknown = [i.item_code for i in claim.items if i.item_code not in catalogue]
+        if unknown:
+            raise self._refuse(
+                ErrorCode.CATALOGUE_ITEM_UNKNOWN,
+                f"not in {host}'s catalogue: {', '.join(unknown[:10])}",
+                responsible=host,
+            )
+        if claim.settlement_mode is SettlementMode.DELAYED and self.review_delay_s > 0:
+            await asyncio.sleep(self.review_delay_s)  # stands in for manual review
+        year = claim.discharged_at.year
+        usage = self.backoffice.year_usage(claim.person_id, year)
+        outcome = review(
+            claim,
+            policy,
+            usage,
+            insurance_type=person.insurance_type,
+            assistance_eligible=person.assistance_eligible,
+            catalogue_classes=self.directory.catalogue_classes(host),
+        )
+        result = review_result(outcome, claim.claim_id, self.reviewer, now())
+        request_id, stored = self.backoffice.record_review(
+            claim.claim_id,
+            claim.person_id,
+            ctx.envelope.message_id,
+            result,
+            year,
+            outcome.new_usage,
+        )
+        if request_id != ctx.envelope.message_id:
+            raise self._refuse(
+                ErrorCode.DUPLICATE_CLAIM,
+                f"claim {claim.claim_id} was already answered (request {request_id})",
+                responsible=host,
+            )
+        log.info(
+            "claim_reviewed",
+            claim_id=claim.claim_id,
+            decision=stored.decision.value,
+            fund_fen=stored.fund_fen,
+            personal_fen=stored.personal_fen,
+        )
+        return stored
