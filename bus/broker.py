@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
@@ -198,3 +199,25 @@ async def create_contract_topics(
     names = [name for province in provinces for name in topics_for(province)]
     async with Admin(settings, bootstrap) as admin:
         return await admin.create_topics(names)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    settings: BusSettings, provinces: list[str] | tuple[str, ...] = ()
+) -> AsyncIterator[tuple[str, BusSettings]]:
+    """The broker to use: ``settings.bootstrap`` if set, else a fresh embedded one.
+
+    Yields (bootstrap, settings adjusted to it) after creating the provinces' topics; an
+    embedded broker is stopped on exit.
+    """
+    if settings.bootstrap is not None:
+        await wait_for_metadata(settings, settings.bootstrap)
+        if provinces:
+            await create_contract_topics(settings, settings.bootstrap, provinces)
+        yield settings.bootstrap, settings
+        return
+    async with EmbeddedBroker() as broker:
+        effective = settings.with_bootstrap(broker.bootstrap, embedded=True)
+        if provinces:
+            await create_contract_topics(effective, broker.bootstrap, provinces)
+        yield broker.bootstrap, effective

@@ -1,0 +1,146 @@
+"""The ``xsettle`` command: broker, demo, directory, province, simulate, bench, ops.
+
+Every command that talks to Kafka takes ``--bootstrap`` (or ``XSETTLE_BOOTSTRAP``); without it
+the commands that can start the embedded broker do so on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from bus.broker import EmbeddedBroker, create_contract_topics
+from bus.logs import configure
+from bus.settings import BusSettings
+
+SUBCOMMAND_MODULES = (
+    "simulators.demo",
+    "simulators.bench",
+    "simulators.cli_ops",
+)
+"""Modules that add their own subcommands with ``register(subparsers)`` when present."""
+
+
+def add_bootstrap(parser: argparse.ArgumentParser) -> None:
+    """The common ``--bootstrap`` option (default: ``XSETTLE_BOOTSTRAP``)."""
+    parser.add_argument(
+        "--bootstrap",
+        default=os.environ.get("XSETTLE_BOOTSTRAP") or None,
+        help="Kafka bootstrap servers host:port (default: $XSETTLE_BOOTSTRAP, "
+        "else the embedded broker where the command can start one)",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> BusSettings:
+    """Bus settings from the environment and ``--bootstrap``."""
+    return BusSettings.from_env(bootstrap=getattr(args, "bootstrap", None))
+
+
+async def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded broker in the foreground until interrupted."""
+    from adapters.directory import Directory
+
+    broker = EmbeddedBroker(port=args.port)
+    await broker.start()
+    try:
+        provinces = list(Directory.default().provinces()) if args.topics else []
+        if provinces:
+            await create_contract_topics(
+                BusSettings(idempotence=False), broker.bootstrap, provinces
+            )
+        print(f"bootstrap={broker.bootstrap}", flush=True)
+        print(
+            f"embedded Tansu broker pid {broker.pid}; topics for {len(provinces)} provinces; "
+            f"export XSETTLE_BOOTSTRAP={broker.bootstrap}; Ctrl-C stops it",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        broker.stop()
+    return 0
+
+
+async def cmd_directory(args: argparse.Namespace) -> int:
+    """Answer the public queries: designated hospitals, connected regions, allowed hospitals."""
+    from adapters.directory import Directory
+
+    directory = Directory.load(args.file) if args.file else Directory.default()
+    if args.json:
+        print(json.dumps(directory.to_json_dict(), ensure_ascii=False, indent=2))
+        return 0
+    regions = {r.code: r.name for r in directory.regions()}
+    host = args.host
+    print("Connected regions (统筹区开通信息)")
+    print(f"{'home region':<22}{'host':<16}{'mode':<16}hospitals allowed")
+    for a in directory.agreements():
+        if host and a.host != host:
+            continue
+        allowed = (
+            "all" if a.hospitals == "all" else f"{len(a.hospitals)}: " + ", ".join(a.hospitals)
+        )
+        home = f"{a.home} {regions.get(a.home, '')}"
+        host_name = f"{a.host} {directory.province_name(a.host)}"
+        print(f"{home:<22}{host_name:<16}{a.mode.value:<16}{allowed}")
+    print()
+    print("Designated hospitals (跨省定点医疗机构)")
+    for province in directory.provinces():
+        if host and province != host:
+            continue
+        for h in directory.hospitals_of(province):
+            where = f"{h.region} {regions.get(h.region, '')}"
+            print(f"{h.code:<12}{'L' + str(h.level):<4}{where:<18}{h.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line."""
+    parser = argparse.ArgumentParser(
+        prog="xsettle", description="Cross-province medical settlement bus (异地就医直接结算)"
+    )
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
+    parser.add_argument("--log-level", default="WARNING", help="log level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument(
+        "--no-topics", dest="topics", action="store_false", help="do not create contract topics"
+    )
+    p.set_defaults(run=cmd_broker)
+
+    p = sub.add_parser("directory", help="designated hospitals, connected regions, agreements")
+    p.add_argument("--file", help="directory TOML file (default: the packaged one)")
+    p.add_argument("--host", help="only this host province")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_directory)
+
+    for name in SUBCOMMAND_MODULES:
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xsettle`` console script."""
+    args = build_parser().parse_args(argv)
+    configure(json=args.log_json, level=args.log_level)
+    try:
+        code: int = asyncio.run(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
