@@ -97,6 +97,8 @@ class HostRole:
             advance_permille if advance_permille is not None else 250,
             directory.max_advance_permille(self.province),
         )
+        self.latencies: list[tuple[str, float]] = []
+        """(settlement mode, seconds from claim sent to its terminal answer), for reports."""
         node.on(FilingUpload)(self._on_filing)
         node.on_answer(ClaimPackage)(self._on_review)
 
@@ -265,6 +267,8 @@ class HostRole:
                 await self._notify(claim, claim.review)  # the notice may not have gone out
             return
         message = answer.message
+        if not answer.late:
+            self.latencies.append((claim.claim.settlement_mode.value, answer.latency_s))
         if isinstance(message, ReviewResult):
             await self._settle(claim, message)
         elif isinstance(message, ErrorReport):

@@ -482,6 +482,16 @@ class Node:
                 count += 1
         return count
 
+    async def send_raw(
+        self, topic_name: str, key: bytes | None, value: bytes, headers: Headers
+    ) -> None:
+        """Write a record exactly as given (fault injection, dead-letter replay)."""
+        await (await self._producer.send(topic_name, key, value, headers))
+
+    async def lag(self) -> dict[Partition, int]:
+        """Records not yet read per assigned inbox partition."""
+        return await self._consumer.lag() if self._consumer is not None else {}
+
     async def send_report(
         self, rep: ErrorReport, *, to: str, key: bytes | None, correlation_id: str | None
     ) -> asyncio.Future[Any]:

@@ -1,0 +1,249 @@
+"""The demo's facts, the invariants checked on them, and the report a person reads.
+
+:func:`check_invariants` is a pure function of :class:`Facts`, so a test can plant a fault in
+the facts and see the check fail.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from adapters.rules import MAX_ADVANCE_PERMILLE, max_advance_fen, yuan
+
+TERMINAL = ("SETTLED", "REFUSED")
+
+
+@dataclass
+class ClaimFact:
+    """What the host and the home recorded about one claim."""
+
+    claim_id: str
+    host: str
+    home: str
+    mode: str
+    state: str
+    expected: str
+    """SETTLED, or the error code the injected fault should produce."""
+    error_code: str | None
+    total_fen: int
+    fund_fen: int = 0
+    critical_illness_fen: int = 0
+    assistance_fen: int = 0
+    personal_fen: int = 0
+    payments: list[tuple[str, int]] = field(default_factory=list)
+    notices_at_home: int = 0
+    reviews_at_home: int = 0
+    advance_cap_permille: int = MAX_ADVANCE_PERMILLE
+
+
+@dataclass
+class Facts:
+    """Everything the checker and the report read."""
+
+    claims: list[ClaimFact] = field(default_factory=list)
+    refusals: list[tuple[str, str]] = field(default_factory=list)
+    """(expected code, actual code) of admissions refused at the desk."""
+    refusal_reports: Counter[str] = field(default_factory=Counter)
+    """Admission ErrorReports received by the homes, by code."""
+    dead_letters_expected: int = 0
+    dead_letters_seen: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    """Every ErrorReport on the error topics: code, origin, responsible, correlation id."""
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    duration_s: float = 0.0
+    fallbacks: int = 0
+
+
+@dataclass
+class Check:
+    """One invariant and whether it holds."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _paid_by_patient(c: ClaimFact) -> int:
+    sign = {"ADVANCE": 1, "TOP_UP": 1, "FULL": 1, "REFUND": -1}
+    return sum(sign.get(kind, 0) * fen for kind, fen in c.payments)
+
+
+def check_invariants(facts: Facts) -> list[Check]:
+    """Every claim terminal exactly once, money conserved, advances within the cap, every
+    injected fault surfaced as its code."""
+    checks: list[Check] = []
+    not_terminal = [c.claim_id for c in facts.claims if c.state not in TERMINAL]
+    checks.append(
+        Check(
+            "every claim reached exactly one terminal state",
+            not not_terminal
+            and all(
+                sum(1 for k, _ in c.payments if k in ("TOP_UP", "REFUND", "FULL")) <= 1
+                for c in facts.claims
+            )
+            and all(c.notices_at_home <= 1 and c.reviews_at_home <= 1 for c in facts.claims),
+            f"{len(facts.claims) - len(not_terminal)}/{len(facts.claims)} terminal"
+            + (f"; open: {', '.join(not_terminal[:5])}" if not_terminal else ""),
+        )
+    )
+    bad_money = []
+    for c in facts.claims:
+        paid = _paid_by_patient(c)
+        if c.state == "SETTLED":
+            split = c.fund_fen + c.critical_illness_fen + c.assistance_fen + c.personal_fen
+            if split != c.total_fen or paid != c.personal_fen:
+                bad_money.append(c.claim_id)
+        elif c.state == "REFUSED" and paid != c.total_fen:
+            bad_money.append(c.claim_id)
+    total = sum(c.total_fen for c in facts.claims if c.state in TERMINAL)
+    funds = sum(
+        c.fund_fen + c.critical_illness_fen + c.assistance_fen
+        for c in facts.claims
+        if c.state == "SETTLED"
+    )
+    patients = sum(_paid_by_patient(c) for c in facts.claims if c.state in TERMINAL)
+    checks.append(
+        Check(
+            "money is conserved per claim and in total",
+            not bad_money and total == funds + patients,
+            f"total {yuan(total)} = funds {yuan(funds)} + patients {yuan(patients)}"
+            + (f"; broken: {', '.join(bad_money[:5])}" if bad_money else ""),
+        )
+    )
+    over = [
+        c.claim_id
+        for c in facts.claims
+        for kind, fen in c.payments
+        if kind == "ADVANCE" and fen > max_advance_fen(c.total_fen, c.advance_cap_permille)
+    ]
+    checks.append(
+        Check(
+            "no advance above 25% of the total (or the host's lower cap)",
+            not over,
+            f"{sum(1 for c in facts.claims for k, _ in c.payments if k == 'ADVANCE')} advances"
+            + (f"; over: {', '.join(over[:5])}" if over else ""),
+        )
+    )
+    wrong = [
+        f"{c.claim_id}: expected {c.expected}, got {c.error_code or c.state}"
+        for c in facts.claims
+        if (c.error_code or c.state) != c.expected
+    ]
+    wrong += [f"admission: expected {e}, got {a}" for e, a in facts.refusals if e != a]
+    expected_reports = Counter(e for e, _ in facts.refusals)
+    missing_reports = {
+        code: n - facts.refusal_reports[code]
+        for code, n in expected_reports.items()
+        if facts.refusal_reports[code] < n
+    }
+    if missing_reports:
+        wrong.append(f"homes missed admission reports: {missing_reports}")
+    if facts.dead_letters_seen != facts.dead_letters_expected:
+        wrong.append(
+            f"dead letters: expected {facts.dead_letters_expected}, saw {facts.dead_letters_seen}"
+        )
+    injected = sum(1 for c in facts.claims if c.expected != "SETTLED") + len(facts.refusals)
+    checks.append(
+        Check(
+            "every injected fault surfaced as the expected error code",
+            not wrong,
+            f"{injected} faults + {facts.dead_letters_expected} undecodable records"
+            + (f"; wrong: {'; '.join(wrong[:5])}" if wrong else ""),
+        )
+    )
+    return checks
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable report."""
+    by_mode: dict[str, Counter[str]] = defaultdict(Counter)
+    for c in facts.claims:
+        by_mode[c.mode][c.error_code or c.state] += 1
+    money = Counter[str]()
+    for c in facts.claims:
+        if c.state not in TERMINAL:
+            continue
+        money["total"] += c.total_fen
+        money["fund"] += c.fund_fen
+        money["critical_illness"] += c.critical_illness_fen
+        money["assistance"] += c.assistance_fen
+        money["personal"] += _paid_by_patient(c)
+        for kind, fen in c.payments:
+            money[{"ADVANCE": "advances", "REFUND": "refunds", "TOP_UP": "top_ups"}.get(
+                kind, "paid_in_full")] += fen  # fmt: skip
+    errors = Counter((e["code"], e["responsible"]) for e in facts.errors)
+    return {
+        "meta": meta,
+        "claims_by_mode": {m: dict(v) for m, v in sorted(by_mode.items())},
+        "admissions_refused": dict(Counter(a for _, a in facts.refusals)),
+        "money_fen": dict(money),
+        "errors_by_code_and_responsible": [
+            {"code": code, "responsible": resp, "count": n}
+            for (code, resp), n in sorted(errors.items())
+        ],
+        "dead_letters": facts.dead_letters_seen,
+        "fallbacks_instant_to_delayed": facts.fallbacks,
+        "latency_s": {
+            mode: {
+                "p50": _pct(v, 0.5),
+                "p95": _pct(v, 0.95),
+                "p99": _pct(v, 0.99),
+                "n": len(v),
+            }
+            for mode, v in sorted(facts.latencies.items())
+        },
+        "throughput_claims_per_s": round(len(facts.claims) / facts.duration_s, 1)
+        if facts.duration_s
+        else 0.0,
+        "duration_s": round(facts.duration_s, 2),
+        "invariants": [asdict(c) for c in checks],
+        "ok": all(c.ok for c in checks),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report a person reads at a glance."""
+    lines = ["", "== xsettle: a day of cross-province settlement =="]
+    meta = report["meta"]
+    lines.append(
+        f"claims {meta.get('claims')}  seed {meta.get('seed')}  broker {meta.get('broker')}  "
+        f"{report['duration_s']} s  {report['throughput_claims_per_s']} claims/s"
+    )
+    lines.append("\nClaims by mode and outcome")
+    for mode, outcomes in report["claims_by_mode"].items():
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+        lines.append(f"  {mode:<16}{parts}")
+    if report["admissions_refused"]:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(report["admissions_refused"].items()))
+        lines.append(f"  {'refused at desk':<16}{parts}")
+    lines.append(
+        f"  instant claims that fell back to delayed: {report['fallbacks_instant_to_delayed']}"
+    )
+    lines.append("\nMoney (yuan)")
+    for key in ("total", "fund", "critical_illness", "assistance", "personal", "advances",
+                "refunds", "top_ups", "paid_in_full"):  # fmt: skip
+        lines.append(f"  {key:<18}{yuan(report['money_fen'].get(key, 0)):>18}")
+    lines.append("\nError reports by code and responsible province")
+    for row in report["errors_by_code_and_responsible"]:
+        lines.append(f"  {row['code']:<26}{row['responsible']:<10}{row['count']:>6}")
+    lines.append(f"  dead letters: {report['dead_letters']}")
+    lines.append("\nAnswer latency (s)")
+    for mode, q in report["latency_s"].items():
+        lines.append(
+            f"  {mode:<16}p50 {q['p50']:.3f}  p95 {q['p95']:.3f}  p99 {q['p99']:.3f}  n={q['n']}"
+        )
+    lines.append("\nInvariants")
+    for c in report["invariants"]:
+        lines.append(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}")
+    lines.append("")
+    lines.append("ALL INVARIANTS HOLD" if report["ok"] else "INVARIANTS FAILED")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""A scenario: how much traffic, which faults at which rates, and the timing knobs."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Rate = float
+
+
+class Faults(BaseModel):
+    """Share of visits (0..1) that carry each injected fault."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    unfiled: Rate = Field(default=0.03, ge=0, le=1)
+    """The person never filed: NOT_FILED at admission."""
+    revoked: Rate = Field(default=0.02, ge=0, le=1)
+    """The filing was revoked before the visit: FILING_EXPIRED at admission."""
+    not_designated: Rate = Field(default=0.02, ge=0, le=1)
+    """A hospital that is not designated in the host: HOSPITAL_NOT_DESIGNATED."""
+    not_allowed: Rate = Field(default=0.02, ge=0, le=1)
+    """A designated hospital the home's agreement does not allow: HOSPITAL_NOT_DESIGNATED."""
+    bad_amount: Rate = Field(default=0.02, ge=0, le=1)
+    """A total that is not the sum of the items: AMOUNT_MISMATCH from the home."""
+    undecodable: Rate = Field(default=0.01, ge=0, le=1)
+    """An extra garbage record on the home's claim topic: dead letter + INVALID_MESSAGE."""
+    duplicate_resend: Rate = Field(default=0.03, ge=0, le=1)
+    """The claim is re-sent (same id, attempt 2): answered once, settled once."""
+    silent_home: str | None = "530000"
+    """A home province that stops answering for a while (None: none)."""
+    silence_s: float = Field(default=6.0, ge=0)
+    """How long it stays silent."""
+
+
+class Scenario(BaseModel):
+    """Size, seed, faults and timing of one simulated day."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    claims: int = Field(default=400, ge=1)
+    """Visits to simulate (each becomes a claim or an admission refusal)."""
+    seed: int = 20170523
+    """Seed of every random choice: same seed, same claims and totals."""
+    concurrency: int = Field(default=48, ge=1)
+    """Visits in flight at once."""
+    instant_deadline_s: float = Field(default=2.0, gt=0)
+    """Answer deadline of instant and point-to-point claims."""
+    review_delay_s: float = Field(default=0.02, ge=0)
+    """Stand-in for manual review of delayed claims at the home."""
+    settle_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest wait for every claim to reach a terminal state."""
+    faults: Faults = Faults()
+    """Injected faults."""
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: object) -> Scenario:
+        """A scenario from a TOML file (or the defaults), then overrides (None ignored)."""
+        data: dict[str, object] = {}
+        if path is not None:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
