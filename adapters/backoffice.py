@@ -347,6 +347,11 @@ class SqliteBackOffice:
         rows = self._all("SELECT data FROM host_filings WHERE person_id = ?", (person_id,))
         return FilingUpload.model_validate_json(rows[0][0]) if rows else None
 
+    def host_filings(self) -> list[FilingUpload]:
+        """Every filing registered here (latest per person), by person id."""
+        rows = self._all("SELECT data FROM host_filings ORDER BY person_id")
+        return [FilingUpload.model_validate_json(r[0]) for r in rows]
+
     def save_claim(self, claim: HostClaim, payments: Sequence[tuple[str, int]] = ()) -> None:
         with self._tx() as cur:
             cur.execute(

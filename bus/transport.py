@@ -92,7 +92,7 @@ class Producer:
         self._producer: Any = None
         self._started = False
 
-    def _new(self) -> Any:
+    def _new(self, idempotence: bool) -> Any:
         settings = self._settings
         return AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -101,7 +101,7 @@ class Producer:
             linger_ms=settings.linger_ms,
             max_batch_size=settings.max_batch_size,
             compression_type=settings.compression,
-            enable_idempotence=settings.producer_idempotence,
+            enable_idempotence=idempotence,
             request_timeout_ms=settings.request_timeout_ms,
         )
 
@@ -110,12 +110,26 @@ class Producer:
         when already started."""
         if self._started:
             return
-        self._producer = self._new()
+        wanted = self._settings.producer_idempotence
+        self._producer = self._new(wanted)
         try:
             await self._producer.start()
         except KafkaError as exc:
             await self._producer.stop()
-            raise _translate(exc, "starting the producer") from exc
+            if not (wanted and self._settings.idempotence is None):
+                raise _translate(exc, "starting the producer") from exc
+            # Idempotence was only our default for external clusters; a broker that cannot
+            # do it (InitProducerId fails, as on Tansu) gets at-least-once delivery instead,
+            # which the idempotent receivers are built for.
+            log.warning(
+                "idempotent_producer_unavailable", bootstrap=self._bootstrap, error=repr(exc)
+            )
+            self._producer = self._new(False)
+            try:
+                await self._producer.start()
+            except KafkaError as again:
+                await self._producer.stop()
+                raise _translate(again, "starting the producer") from again
         self._started = True
 
     async def stop(self) -> None:

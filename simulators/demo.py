@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -466,7 +467,7 @@ async def run_demo(
     provinces: list[str] | None = None,
     directory: Directory | None = None,
     progress: bool = True,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Run the demo and return its report (checked invariants included)."""
     directory = directory or Directory.default()
     provinces = provinces or list(directory.provinces())

@@ -1,0 +1,214 @@
+"""Meeting a province under test: ``xsettle province <code>`` and ``xsettle simulate --except``.
+
+``province`` runs one province's adapters with its simulated back office against a broker it
+did not start: as home it files its simulated persons to the hosts the directory connects it
+to; as host it admits persons filed to it by any home (simulated or not) and submits claims.
+``simulate --except`` runs every other province the same way. Run both on one broker and a
+full filing → claim → review → settlement cycle happens in both directions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+from adapters.directory import Directory, province_of
+from adapters.host import AdmissionRefused
+from bus.broker import create_contract_topics
+from bus.models import FilingAction
+from bus.transport import wait_for_metadata
+from simulators.demo import DAY, Simulation, write_report
+from simulators.invariants import build_report, check_invariants, render
+from simulators.population import make_bill, make_filing, make_person, make_visit
+from simulators.scenario import Faults, Scenario
+
+log = structlog.get_logger(__name__)
+
+
+class Peer(Simulation):
+    """A simulation that also serves persons filed by provinces it does not run."""
+
+    async def file_own(self, per_agreement: int) -> int:
+        """As home: file simulated persons to every host we have an agreement with,
+        including hosts we do not run. Returns how many filings were sent."""
+        sent = 0
+        sequence = 0
+        for p in self.provinces:
+            system = self.systems[p]
+            for a in self.directory.agreements_as_home(p):
+                if a.host in self.systems:
+                    continue  # served by our own simulation
+                for _ in range(per_agreement):
+                    sequence += 1
+                    person = make_person(self.rng, a.home, 500_000 + sequence)
+                    system.backoffice.add_person(person)
+                    filing = make_filing(
+                        self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3)
+                    )
+                    await system.home.file(filing)
+                    sent += 1
+        return sent
+
+    async def serve_foreign(self, visits: int, wait_s: float) -> int:
+        """As host: admit persons that provinces we do not run filed to us; submit claims."""
+        deadline = time.monotonic() + wait_s
+        seen: list[tuple[str, str, str]] = []
+        while time.monotonic() < deadline:
+            seen = self._foreign_filings()
+            if len(seen) >= visits:
+                break
+            await asyncio.sleep(0.5)
+        submitted = 0
+        for i, (host, person_id, home_region) in enumerate(seen[:visits]):
+            system = self.systems[host]
+            allowed = self.directory.allowed_hospitals(home_region, host)
+            if not allowed:
+                continue
+            rng = random.Random(self.scenario.seed + 77 * i)
+            hospital = rng.choice(allowed).code
+            admitted = DAY + dt.timedelta(hours=1, minutes=i)
+            try:
+                admission = await system.host.admit(person_id, home_region, hospital, admitted)
+            except AdmissionRefused as refused:
+                log.warning("foreign_admission_refused", code=refused.code.value)
+                continue
+            visit_type, days, diagnoses = make_visit(rng)
+            items = make_bill(rng, self.directory.catalogue(host), visit_type, days)
+            claim = system.host.package(
+                admission,
+                items,
+                visit_type=visit_type,
+                diagnoses=diagnoses,
+                discharged_at=admitted + dt.timedelta(days=days),
+                claim_id=f"C-{host}-X{i:05d}",
+            )
+            await system.host.submit(claim)
+            submitted += 1
+        return submitted
+
+    def _foreign_filings(self) -> list[tuple[str, str, str]]:
+        out = []
+        for p in self.provinces:
+            for filing in self.systems[p].backoffice.host_filings():
+                foreign = province_of(filing.home_region) not in self.systems
+                if foreign and filing.action is not FilingAction.REVOKE:
+                    out.append((p, filing.person_id, filing.home_region))
+        return out
+
+    async def wait_closed(self, timeout_s: float) -> None:
+        """Until every claim our hosts sent is settled or refused."""
+        deadline = time.monotonic() + timeout_s
+        while self.open_claims() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the DB
+            await asyncio.sleep(0.25)
+
+
+async def run_peer(
+    args: argparse.Namespace, provinces: list[str], *, own_day: bool
+) -> dict[str, object]:
+    """Run ``provinces`` against an external broker: their own day (simulate) and the
+    exchange with provinces not run here."""
+    from simulators.cli import settings_from
+
+    settings = settings_from(args)
+    if settings.bootstrap is None:
+        raise SystemExit("this command needs --bootstrap (or XSETTLE_BOOTSTRAP)")
+    directory = Directory.load(args.directory) if args.directory else Directory.default()
+    await wait_for_metadata(settings, settings.bootstrap)
+    await create_contract_topics(settings, settings.bootstrap, list(directory.provinces()))
+    scenario = Scenario(
+        claims=max(1, args.claims),
+        seed=args.seed,
+        faults=Faults(
+            unfiled=0, revoked=0, not_designated=0, not_allowed=0, bad_amount=0, undecodable=0,
+            duplicate_resend=0, silent_home=None,
+        ),
+    )  # fmt: skip
+    state = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="xsettle-"))
+    peer = Peer(directory, scenario, settings, settings.bootstrap, provinces, state, progress=False)
+    await peer.start()
+    print(
+        f"listening: {', '.join(n.node.inbox[0].rsplit('.', 1)[1] for n in peer.systems.values())}"
+        f" on {settings.bootstrap}; state in {state}",
+        flush=True,
+    )
+    began = time.monotonic()
+    try:
+        filed = await peer.file_own(args.filings)
+        if own_day and len(peer.agreements()) > 0:
+            await peer.run()
+        served = await peer.serve_foreign(args.visits, args.wait)
+        await peer.wait_closed(args.timeout)
+        await asyncio.sleep(args.linger)  # answer what the other side still sends us
+        facts = await peer.facts()
+        facts.duration_s = time.monotonic() - began
+    finally:
+        await peer.stop()
+    checks = check_invariants(facts)
+    return build_report(
+        facts,
+        checks,
+        {"provinces": provinces, "broker": settings.bootstrap, "filed": filed, "served": served,
+         "claims": len(facts.claims), "seed": args.seed},
+    )  # fmt: skip
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from simulators.cli import add_bootstrap
+
+    add_bootstrap(p)
+    p.add_argument("--directory", help="directory TOML file (default: the packaged one)")
+    p.add_argument("--filings", type=int, default=5, help="persons filed per agreement as home")
+    p.add_argument("--visits", type=int, default=5, help="visits of foreign-filed persons")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for their filings")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
+    p.add_argument("--linger", type=float, default=10.0, help="seconds to keep answering after")
+    p.add_argument("--seed", type=int, default=20170523)
+    p.add_argument("--state-dir", default=None, help="durable state folder (default: temp)")
+    p.add_argument("--json", default=None, help="write the JSON report here")
+
+
+async def cmd_province(args: argparse.Namespace) -> int:
+    """``xsettle province <code>``."""
+    args.claims = 1
+    report = await run_peer(args, [args.code], own_day=False)
+    print(render(report))
+    if args.json:
+        write_report(report, Path(args.json))
+    return 0 if report["ok"] else 1
+
+
+async def cmd_simulate(args: argparse.Namespace) -> int:
+    """``xsettle simulate --except <code>``."""
+    directory = Directory.load(args.directory) if args.directory else Directory.default()
+    provinces = [p for p in directory.provinces() if p not in args.excluded]
+    report = await run_peer(args, provinces, own_day=args.claims > 0)
+    print(render(report))
+    if args.json:
+        write_report(report, Path(args.json))
+    return 0 if report["ok"] else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``province`` and ``simulate``."""
+    p = sub.add_parser("province", help="run one province against an external broker")
+    p.add_argument("code", help="province code, e.g. 460000")
+    _common(p)
+    p.set_defaults(run=cmd_province)
+    p = sub.add_parser("simulate", help="simulate every province but the one under test")
+    p.add_argument("--except", dest="excluded", action="append", required=True,
+                   help="province under test (repeatable)")  # fmt: skip
+    p.add_argument("--claims", type=int, default=0, help="visits among simulated provinces")
+    _common(p)
+    p.set_defaults(run=cmd_simulate)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(1)
