@@ -47,6 +47,10 @@ async def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground until interrupted."""
     from adapters.directory import Directory
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     broker = EmbeddedBroker(port=args.port)
     await broker.start()
     try:
@@ -61,10 +65,6 @@ async def cmd_broker(args: argparse.Namespace) -> int:
             f"export XSETTLE_BOOTSTRAP={broker.bootstrap}; Ctrl-C stops it",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         broker.stop()
