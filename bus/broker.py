@@ -10,6 +10,7 @@ producer, no transactions.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -131,6 +132,7 @@ class EmbeddedBroker:
         """Start the broker and wait until Kafka metadata answers."""
         self.spawn()
         began = time.monotonic()
+        await self._wait_listening(timeout_s)
         try:
             await wait_for_metadata(
                 BusSettings(idempotence=False), self.bootstrap, timeout_s=timeout_s
@@ -144,6 +146,22 @@ class EmbeddedBroker:
         elapsed = round(time.monotonic() - began, 3)
         log.info("broker_ready", bootstrap=self.bootstrap, seconds=elapsed)
         return self
+
+    async def _wait_listening(self, timeout_s: float) -> None:
+        """Wait until the port accepts TCP connections (so the Kafka client's first try
+        does not log a refused connection)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                return  # exited: start() reports it with the log
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the broker wrote, for error messages."""

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xsettle", description="Cross-province medical settlement bus (异地就医直接结算)"
     )
     parser.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
-    parser.add_argument("--log-level", default="WARNING", help="log level (default WARNING)")
+    parser.add_argument(
+        "--log-level", default=None, help="log level (default: ERROR for demo, else INFO)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xsettle`` console script."""
     args = build_parser().parse_args(argv)
-    configure(json=args.log_json, level=args.log_level)
+    quiet = args.command in ("demo", "directory", "bench")
+    configure(json=args.log_json, level=args.log_level or ("ERROR" if quiet else "INFO"))
     try:
         code: int = asyncio.run(args.run(args))
     except KeyboardInterrupt:
