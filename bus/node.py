@@ -86,7 +86,7 @@ from bus.models import (
     now,
 )
 from bus.settings import BusSettings
-from bus.store import EXPIRED, PENDING, OutRecord, PendingRequest, SqliteStore, Store
+from bus.store import EXPIRED, EXPIRING, PENDING, OutRecord, PendingRequest, SqliteStore, Store
 from bus.transport import Consumer, Headers, Partition, Producer, Record
 
 log = structlog.get_logger(__name__)
@@ -296,8 +296,11 @@ class Node:
             self._tasks.append(asyncio.create_task(self._fetch_loop(), name="fetch"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
         for pending in self.store.undelivered():
-            assert pending.answer is not None
-            await self._deliver(pending, self.codec.decode(pending.answer.value), late=False)
+            if pending.state == EXPIRING:
+                await self._expire(pending)
+            else:
+                assert pending.answer is not None
+                await self._deliver(pending, self.codec.decode(pending.answer.value), late=False)
         self._log.info("node_started", group=self.group, inbox=self.inbox)
         return self
 
@@ -696,7 +699,7 @@ class Node:
             self.metrics.inc("xsettle_answers_total", outcome="ok" if not isinstance(
                 message, ErrorReport) else "error")  # fmt: skip
             await self._deliver(pending, message, late=False)
-        elif before == EXPIRED:
+        elif before in (EXPIRING, EXPIRED):
             bound.info("late_answer")
             self.metrics.inc("xsettle_answers_total", outcome="late")
             await self._deliver(pending, message, late=True)
@@ -897,25 +900,29 @@ class Node:
         """Turn overdue requests into DEADLINE_EXCEEDED; returns how many."""
         expired = self.store.expire_due(now_ms(), SWEEP_BATCH)
         for pending in expired:
-            env = Envelope.from_headers(pending.record.headers)
-            rep = report(
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"no answer from {pending.target} to {pending.message_type} "
-                f"{pending.message_id} by its deadline",
-                detected_by=self.province,
-                origin=self.province,
-                responsible=pending.target,
-                retriable=True,
-                severity=Severity.WARNING,
-                ref=env,
-                details={"deadline_ms": str(pending.deadline_ms), "attempts": str(pending.attempt)},
-            )
-            key = pending.record.key
-            await self.send_report(rep, to=pending.target, key=key, correlation_id=env.message_id)
-            await self.send_report(rep, to=self.province, key=key, correlation_id=env.message_id)
-            self.metrics.inc("xsettle_answers_total", outcome="deadline")
-            await self._deliver(pending, rep, late=False)
+            await self._expire(pending)
         return len(expired)
+
+    async def _expire(self, pending: PendingRequest) -> None:
+        """Report DEADLINE_EXCEEDED for one request and hand it to the caller."""
+        env = Envelope.from_headers(pending.record.headers)
+        rep = report(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"no answer from {pending.target} to {pending.message_type} "
+            f"{pending.message_id} by its deadline",
+            detected_by=self.province,
+            origin=self.province,
+            responsible=pending.target,
+            retriable=True,
+            severity=Severity.WARNING,
+            ref=env,
+            details={"deadline_ms": str(pending.deadline_ms), "attempts": str(pending.attempt)},
+        )
+        key = pending.record.key
+        for to in (pending.target, self.province):
+            await (await self.send_report(rep, to=to, key=key, correlation_id=env.message_id))
+        self.metrics.inc("xsettle_answers_total", outcome="deadline")
+        await self._deliver(pending, rep, late=False)
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000

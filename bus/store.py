@@ -6,8 +6,9 @@ local SQLite file (write-ahead log; a process crash loses no committed row). Sta
 finished entries are pruned after a retention period.
 
 Pending states: ``pending`` (sent, waiting) → ``answered`` (answer stored, not yet handed to
-the caller) → ``delivered``; or ``pending`` → ``expired`` (deadline passed, caller told) →
-``late`` (an answer came after all).
+the caller) → ``delivered``; or ``pending`` → ``expiring`` (deadline passed, caller not
+yet told) → ``expired`` → ``late`` (an answer came after all). ``answered`` and
+``expiring`` rows are handed to the caller again after a crash.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bus.transport import Headers
 PENDING = "pending"
 ANSWERED = "answered"
 DELIVERED = "delivered"
+EXPIRING = "expiring"
 EXPIRED = "expired"
 LATE = "late"
 
@@ -95,13 +97,14 @@ class Store(Protocol):
         """
 
     def mark_delivered(self, message_id: str) -> None:
-        """The caller has been given the answer."""
+        """The caller has been given the answer (``answered`` → ``delivered``) or the
+        deadline report (``expiring`` → ``expired``)."""
 
     def undelivered(self) -> list[PendingRequest]:
-        """Answered requests whose answer was not yet handed to the caller (after a crash)."""
+        """Answers and deadline reports not yet handed to the caller (after a crash)."""
 
     def expire_due(self, now_ms: int, limit: int) -> list[PendingRequest]:
-        """Move up to ``limit`` overdue pending requests to ``expired`` and return them."""
+        """Move up to ``limit`` overdue pending requests to ``expiring`` and return them."""
 
     def bump_attempt(self, message_id: str, record: OutRecord) -> None:
         """Record a re-send: the new record as sent, attempt + 1."""
@@ -265,7 +268,7 @@ class SqliteStore:
             if row is None:
                 return None
             before = str(row[0])
-            new = {PENDING: ANSWERED, EXPIRED: LATE}.get(before)
+            new = {PENDING: ANSWERED, EXPIRING: LATE, EXPIRED: LATE}.get(before)
             if new is not None:
                 cur.execute(
                     "UPDATE pending SET state = ?, answer_topic = ?, answer_key = ?, "
@@ -279,14 +282,15 @@ class SqliteStore:
     def mark_delivered(self, message_id: str) -> None:
         with self._tx() as cur:
             cur.execute(
-                "UPDATE pending SET state = ? WHERE message_id = ? AND state = ?",
-                (DELIVERED, message_id, ANSWERED),
+                "UPDATE pending SET state = CASE state WHEN ? THEN ? ELSE ? END "
+                "WHERE message_id = ? AND state IN (?, ?)",
+                (ANSWERED, DELIVERED, EXPIRED, message_id, ANSWERED, EXPIRING),
             )
 
     def undelivered(self) -> list[PendingRequest]:
         rows = self._query(
-            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? ORDER BY answered_at_ms",
-            (ANSWERED,),
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state IN (?, ?) ORDER BY deadline_ms",
+            (ANSWERED, EXPIRING),
         )
         return [_row_to_pending(r) for r in rows]
 
@@ -299,7 +303,7 @@ class SqliteStore:
             ).fetchall()
             cur.executemany(
                 "UPDATE pending SET state = ? WHERE message_id = ?",
-                [(EXPIRED, r[0]) for r in rows],
+                [(EXPIRING, r[0]) for r in rows],
             )
         return [_row_to_pending(r) for r in rows]
 

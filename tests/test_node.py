@@ -452,3 +452,35 @@ class TestOrdering:
         await eventually(lambda: sum(len(v) for v in seen.values()) == 25 * 12, timeout_s=30)
         assert all(v == list(range(25)) for v in seen.values())
         assert len(seen) == 12
+
+
+class TestCrashWindows:
+    async def test_deadline_not_lost_when_the_callback_crashes(
+        self, make_node: NodeFactory, province_pool: ProvincePool, state_dir: Path
+    ) -> None:
+        """A DEADLINE_EXCEEDED whose callback failed (a crash mid-delivery) is handed to the
+        callback again when the node starts next time."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        first = await make_node(host_code, start=False, state=state_dir)
+
+        @first.on_answer(ClaimPackage)
+        async def crash(answer: Answer) -> None:
+            raise RuntimeError("power cut")
+
+        await first.start(consume=False)
+        request_id = await first.request(claim_between(host_code, home_code), deadline_s=0.2)
+        await eventually(
+            lambda: first.metrics.get("xsettle_answers_total", outcome="deadline") == 1
+        )
+        await first.stop()
+        first.store.close()
+        got: list[Answer] = []
+        second = await make_node(host_code, start=False, state=state_dir)
+
+        @second.on_answer(ClaimPackage)
+        async def collect(answer: Answer) -> None:
+            got.append(answer)
+
+        await second.start(consume=False)
+        assert [(a.request_id, a.code) for a in got] == [(request_id, ErrorCode.DEADLINE_EXCEEDED)]
+        assert second.store.undelivered() == []
