@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -390,16 +391,24 @@ class Node:
         target: str,
         key: bytes | None = None,
         correlation_id: str | None = None,
-        wait: bool = True,
+        wait: bool | None = None,
     ) -> Envelope:
-        """Send a message that is not a request (a notice, a report) to ``target``'s inbox."""
+        """Send a message that is not a request (a notice, a report) to ``target``'s inbox.
+
+        By default, inside a handler or answer callback the send is not awaited but tied to
+        the record being processed: its offset is committed only once the broker has
+        acknowledged this message too. Elsewhere the default waits for the acknowledgement.
+        """
         if type(message) in REQUESTS:
             raise RoutingError(f"{message.avro_name} is a request: use request() or ask()")
         env = self._envelope(message, target, correlation_id=correlation_id)
         family = FAMILY_OF[type(message)]
         record = self._out(message, env, key or message_key(message), topic(family, target))
         fut = await self._send(record, family)
-        if wait:
+        outputs = _OUTPUTS.get()
+        if wait is None and outputs is not None:
+            outputs.append(_Sent(record, fut))
+        elif wait is not False:
             await fut
         return env
 
@@ -624,6 +633,14 @@ class Node:
 
     # --- processing one record ------------------------------------------------------------
     async def _process(self, rec: Record) -> list[_Sent]:
+        outputs: list[_Sent] = []
+        token = _OUTPUTS.set(outputs)
+        try:
+            return await self._process_record(rec) + outputs
+        finally:
+            _OUTPUTS.reset(token)
+
+    async def _process_record(self, rec: Record) -> list[_Sent]:
         self.metrics.inc("xsettle_records_in_total", topic_family=rec.topic.split(".")[1])
         try:
             env = Envelope.from_headers(rec.headers)
@@ -938,6 +955,12 @@ class Node:
             except BusError as exc:
                 self._log.warning("sweep_failed", error=str(exc))
             await asyncio.sleep(interval)
+
+
+_OUTPUTS: contextvars.ContextVar[list[_Sent] | None] = contextvars.ContextVar(
+    "xsettle_outputs", default=None
+)
+"""Sends made while one record is processed; its offset waits for their acknowledgement."""
 
 
 class _GaveUp(Exception):

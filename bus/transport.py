@@ -204,6 +204,7 @@ class Consumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
             max_poll_records=settings.fetch_max_records,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             metadata_max_age_ms=5_000,
         )
