@@ -279,8 +279,9 @@ class Simulation:
 
     async def inject_undecodable(self, visits: list[Visit]) -> None:
         """Garbage on homes' claim topics, sent with a host's honest headers."""
+        senders = [v for v in visits if v.host != self.scenario.faults.silent_home]
         for i in range(self.dead_letters_expected):
-            v = visits[i % len(visits)]
+            v = senders[i % len(senders)]
             home = province_of(v.agreement.home)
             env = Envelope(
                 message_id=new_id(),
@@ -509,7 +510,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from simulators.cli import add_bootstrap
 
     p = sub.add_parser("demo", help="a day of cross-province settlement (the main job)")
-    p.add_argument("--claims", type=int, default=None, help="visits to simulate (default 400)")
+    p.add_argument("--claims", type=int, default=None, help="visits to simulate (default 5000)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--scenario", type=Path, default=None, help="scenario TOML file")
     p.add_argument("--json", default="reports/demo-report.json", help="JSON report path")

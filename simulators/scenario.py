@@ -40,7 +40,7 @@ class Scenario(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    claims: int = Field(default=400, ge=1)
+    claims: int = Field(default=5000, ge=1)
     """Visits to simulate (each becomes a claim or an admission refusal)."""
     seed: int = 20170523
     """Seed of every random choice: same seed, same claims and totals."""
