@@ -508,16 +508,7 @@ class Node:
         self, rep: ErrorReport, *, to: str, key: bytes | None, correlation_id: str | None
     ) -> asyncio.Future[Any]:
         """Send an ErrorReport to ``xsettle.error.<to>`` without waiting for the ack."""
-        env = self._envelope(rep, to, correlation_id=correlation_id)
-        record = self._out(rep, env, key, topic(FAMILY_ERROR, to))
-        self.metrics.inc("xsettle_errors_total", code=rep.code.value)
-        self._log.info(
-            "error_reported",
-            code=rep.code.value,
-            to=to,
-            correlation_id=correlation_id,
-            responsible=rep.responsible,
-        )
+        record = self._report_out(rep, to, key, correlation_id)
         return await self._send(record, FAMILY_ERROR)
 
     # --- consuming ------------------------------------------------------------------------
