@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import os
@@ -128,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_directory)
 
     for name in SUBCOMMAND_MODULES:
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # the module exists but one of its own imports is missing
+            continue
+        module.register(sub)
     return parser
 
 

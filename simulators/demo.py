@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
-import importlib
 import json
 import random
 import sys
@@ -517,8 +515,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_bootstrap(p)
     p.set_defaults(run=cmd_demo)
-    with contextlib.suppress(ModuleNotFoundError):
-        importlib.import_module("simulators.peers").register(sub)
+    from simulators.peers import register as register_peers  # peers imports this module
+
+    register_peers(sub)
 
 
 __all__ = ["TERMINAL_STATES", "Simulation", "register", "run_demo"]
