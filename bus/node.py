@@ -658,9 +658,7 @@ class Node:
             fut = await self._send(seen.answer, seen.answer.topic.split(".")[1])
             return [_Sent(seen.answer, fut)]
         if self._is_answer(env, message):
-            sent = await self._on_answer(rec, env, message)
-            self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
-            return sent
+            return await self._on_answer(rec, env, message)
         return await self._handle(rec, env, message)
 
     def _is_answer(self, env: Envelope, message: Message) -> bool:
@@ -678,7 +676,13 @@ class Node:
     async def _on_answer(self, rec: Record, env: Envelope, message: Message) -> list[_Sent]:
         assert env.correlation_id is not None
         answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
-        before = self.store.record_answer(env.correlation_id, answer, now_ms())
+        before, pending = self.store.record_answer(
+            env.correlation_id,
+            answer,
+            now_ms(),
+            answer_id=env.message_id,
+            answer_type=env.message_type,
+        )
         bound = self._log.bind(
             message_id=env.message_id,
             correlation_id=env.correlation_id,
@@ -701,7 +705,6 @@ class Node:
             )
             rec_out = await self._report_record(rep, env.source, rec.key, env.message_id)
             return [rec_out]
-        pending = self.store.get_pending(env.correlation_id)
         assert pending is not None
         if before == PENDING:
             self.metrics.inc("xsettle_answers_total", outcome="ok" if not isinstance(

@@ -13,8 +13,8 @@ yet told) → ``expired`` → ``late`` (an answer came after all). ``answered`` 
 
 from __future__ import annotations
 
-import json
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,10 +90,14 @@ class Store(Protocol):
     def get_pending(self, message_id: str) -> PendingRequest | None:
         """The request with this id, in any state."""
 
-    def record_answer(self, message_id: str, answer: OutRecord, at_ms: int) -> str | None:
-        """Store an answer; return the state the request was in before (None: unknown id).
+    def record_answer(
+        self, message_id: str, answer: OutRecord, at_ms: int, *, answer_id: str, answer_type: str
+    ) -> tuple[str | None, PendingRequest | None]:
+        """Store an answer to request ``message_id`` and mark the answer record ``answer_id``
+        processed, in one transaction; return (state before, the request) — (None, None)
+        for an id nobody sent.
 
-        ``pending`` → ``answered``; ``expired`` → ``late``; other states are left alone.
+        ``pending`` → ``answered``; ``expiring``/``expired`` → ``late``; other states stay.
         """
 
     def mark_delivered(self, message_id: str) -> None:
@@ -138,7 +142,7 @@ CREATE TABLE IF NOT EXISTS pending (
     topic TEXT NOT NULL,
     key BLOB,
     value BLOB NOT NULL,
-    headers TEXT NOT NULL,
+    headers BLOB NOT NULL,
     attempt INTEGER NOT NULL,
     sent_at_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
@@ -146,7 +150,7 @@ CREATE TABLE IF NOT EXISTS pending (
     answer_topic TEXT,
     answer_key BLOB,
     answer_value BLOB,
-    answer_headers TEXT,
+    answer_headers BLOB,
     answered_at_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS pending_due ON pending (state, deadline_ms);
@@ -156,7 +160,7 @@ CREATE TABLE IF NOT EXISTS processed (
     answer_topic TEXT,
     answer_key BLOB,
     answer_value BLOB,
-    answer_headers TEXT,
+    answer_headers BLOB,
     processed_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS processed_age ON processed (processed_at_ms);
@@ -168,12 +172,30 @@ _PENDING_COLUMNS = (
 )
 
 
-def _dump_headers(headers: Headers) -> str:
-    return json.dumps([[k, v.decode("utf-8", errors="surrogateescape")] for k, v in headers])
+_LEN = struct.Struct(">HI")
+"""Header blob framing: key length (2 bytes), value length (4 bytes), then both."""
 
 
-def _load_headers(text: str) -> Headers:
-    return tuple((k, v.encode("utf-8", errors="surrogateescape")) for k, v in json.loads(text))
+def _dump_headers(headers: Headers) -> bytes:
+    """Headers as one blob (cheaper than JSON and byte-exact)."""
+    out = bytearray()
+    for k, v in headers:
+        kb = k.encode("utf-8")
+        out += _LEN.pack(len(kb), len(v)) + kb + v
+    return bytes(out)
+
+
+def _load_headers(blob: bytes) -> Headers:
+    pairs = []
+    pos = 0
+    while pos < len(blob):
+        klen, vlen = _LEN.unpack_from(blob, pos)
+        pos += _LEN.size
+        key = blob[pos : pos + klen].decode("utf-8")
+        pos += klen
+        pairs.append((key, bytes(blob[pos : pos + vlen])))
+        pos += vlen
+    return tuple(pairs)
 
 
 def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
@@ -181,12 +203,12 @@ def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
      a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
     answer = None
     if a_topic is not None:
-        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), _load_headers(str(a_headers)))
+        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), _load_headers(bytes(a_headers)))
     return PendingRequest(
         message_id=str(mid),
         message_type=str(mtype),
         target=str(target),
-        record=OutRecord(str(topic), _b(key), bytes(value), _load_headers(str(headers))),
+        record=OutRecord(str(topic), _b(key), bytes(value), _load_headers(bytes(headers))),
         attempt=int(attempt),
         sent_at_ms=int(sent),
         deadline_ms=int(deadline),
@@ -226,7 +248,7 @@ class SqliteStore:
         with self._lock:
             cur = self._db.cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE")
+                cur.execute("BEGIN")  # one connection per node: no writer to race
                 yield cur
                 cur.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -260,15 +282,21 @@ class SqliteStore:
         )
         return _row_to_pending(rows[0]) if rows else None
 
-    def record_answer(self, message_id: str, answer: OutRecord, at_ms: int) -> str | None:
+    def record_answer(
+        self, message_id: str, answer: OutRecord, at_ms: int, *, answer_id: str, answer_type: str
+    ) -> tuple[str | None, PendingRequest | None]:
         with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO processed VALUES (?,?,NULL,NULL,NULL,NULL,?)",
+                (answer_id, answer_type, at_ms),
+            )
             row = cur.execute(
-                "SELECT state FROM pending WHERE message_id = ?", (message_id,)
+                f"SELECT {_PENDING_COLUMNS} FROM pending WHERE message_id = ?", (message_id,)
             ).fetchone()
             if row is None:
-                return None
-            before = str(row[0])
-            new = {PENDING: ANSWERED, EXPIRING: LATE, EXPIRED: LATE}.get(before)
+                return None, None
+            request = _row_to_pending(row)
+            new = {PENDING: ANSWERED, EXPIRING: LATE, EXPIRED: LATE}.get(request.state)
             if new is not None:
                 cur.execute(
                     "UPDATE pending SET state = ?, answer_topic = ?, answer_key = ?, "
@@ -277,7 +305,7 @@ class SqliteStore:
                     (new, answer.topic, answer.key, answer.value,
                      _dump_headers(answer.headers), at_ms, message_id),
                 )  # fmt: skip
-            return before
+            return request.state, request
 
     def mark_delivered(self, message_id: str) -> None:
         with self._tx() as cur:
@@ -336,7 +364,9 @@ class SqliteStore:
         topic, key, value, headers = rows[0]
         if topic is None:
             return Processed(None)
-        return Processed(OutRecord(str(topic), _b(key), bytes(value), _load_headers(str(headers))))
+        return Processed(
+            OutRecord(str(topic), _b(key), bytes(value), _load_headers(bytes(headers)))
+        )
 
     def mark_processed(
         self, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int

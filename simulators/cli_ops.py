@@ -1,0 +1,366 @@
+"""``xsettle ops``: what is failing, who must act, what is overdue.
+
+``ops errors`` follows the error topics, ``ops dlq`` lists, shows and replays dead letters,
+``ops pending`` reads a node's store for requests waiting for an answer, ``ops console``
+serves the web console. Personal data is always shown masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bus.console import Console
+from bus.envelope import now_ms
+from bus.ops import (
+    ErrorAggregate,
+    ErrorEvent,
+    Since,
+    coords,
+    follow_errors,
+    list_dead_letters,
+    parse_coords,
+    pending_report,
+    pending_summary,
+    replay,
+)
+from bus.store import SqliteStore, Store
+from simulators.cli import add_bootstrap, settings_from
+
+REDRAW_S = 1.0
+"""How often the live error view is redrawn."""
+NEWEST = 10
+"""Newest reports shown in the live view."""
+
+
+def parse_since(text: str) -> Since:
+    """``now``, ``beginning``, epoch milliseconds, or an ISO time (local time if no zone)."""
+    if text in ("now", "beginning"):
+        return text  # type: ignore[return-value]
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected now, beginning, epoch ms or an ISO time"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return int(when.timestamp() * 1000)
+
+
+def _need_bootstrap(args: argparse.Namespace) -> str | None:
+    if not args.bootstrap:
+        print(
+            f"xsettle ops {args.ops_command}: --bootstrap (or XSETTLE_BOOTSTRAP) is required: "
+            "ops reads the topics of a running cluster",
+            file=sys.stderr,
+        )
+        return None
+    return str(args.bootstrap)
+
+
+def _ts(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(title: str, counts: dict[str, int], width: int = 22) -> list[str]:
+    lines = [f"{title:<{width}}{'count':>7}"]
+    lines += [f"{k:<{width}}{v:>7}" for k, v in counts.items()] or ["  (none)"]
+    return lines
+
+
+def render_errors(agg: ErrorAggregate, newest: int = NEWEST) -> str:
+    """The live view: counts by code, origin, responsible, and the newest reports."""
+    cols = [
+        _table("code", dict(agg.by_code.most_common())),
+        _table("origin", dict(agg.by_origin.most_common()), 12),
+        _table("responsible", dict(agg.by_responsible.most_common()), 14),
+    ]
+    height = max(len(c) for c in cols)
+    widths = [max(len(line) for line in c) + 4 for c in cols]
+    lines = [f"error reports: {agg.total}   ({_ts(now_ms())})", ""]
+    for i in range(height):
+        lines.append(
+            "".join(
+                (c[i] if i < len(c) else "").ljust(w) for c, w in zip(cols, widths, strict=True)
+            ).rstrip()
+        )
+    lines += ["", f"newest {newest}:"]
+    lines.append(f"{'time':<20}{'code':<26}{'origin':<8}{'resp.':<8}{'correlation id':<38}message")
+    for event in list(agg.newest)[::-1][:newest]:
+        j = event.to_json()
+        lines.append(
+            f"{_ts(event.timestamp_ms):<20}{event.code:<26}{j.get('origin') or '-':<8}"
+            f"{j.get('responsible') or '-':<8}{event.correlation_id or '-':<38}"
+            f"{(j.get('message') or j.get('decode_error') or '')[:80]}"
+        )
+    return "\n".join(lines)
+
+
+async def cmd_errors(args: argparse.Namespace) -> int:
+    """``ops errors``."""
+    bootstrap = _need_bootstrap(args)
+    if bootstrap is None:
+        return 2
+    since: Since = args.since if args.since is not None else (
+        "now" if args.follow else "beginning"
+    )  # fmt: skip
+    agg = ErrorAggregate(newest_n=max(NEWEST, 50))
+    live = args.follow and not args.json and sys.stdout.isatty()
+    last_draw = 0.0
+    stop = _stop_event()
+
+    def draw() -> None:
+        if live:
+            sys.stdout.write("\x1b[H\x1b[2J" + render_errors(agg) + "\n")
+            sys.stdout.flush()
+
+    source = follow_errors(
+        settings_from(args),
+        bootstrap,
+        province=args.province,
+        since=since,
+        stop_after_s=args.seconds,
+        until_caught_up=not args.follow,
+    )
+    async with contextlib.aclosing(source) as events:
+        iterator = aiter(events)
+        while not stop.is_set():
+            try:
+                event: ErrorEvent = await asyncio.wait_for(anext(iterator), REDRAW_S)
+            except TimeoutError:
+                draw()
+                continue
+            except StopAsyncIteration:
+                break
+            if agg.add(event) and args.json:
+                print(json.dumps(event.to_json(), ensure_ascii=False), flush=True)
+            if time.monotonic() - last_draw >= REDRAW_S:
+                last_draw = time.monotonic()
+                draw()
+    if not args.json:
+        if live:
+            draw()
+        else:
+            print(render_errors(agg))
+    return 0
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    """``ops dlq``."""
+    bootstrap = _need_bootstrap(args)
+    if bootstrap is None:
+        return 2
+    settings = settings_from(args)
+    letters = await list_dead_letters(settings, bootstrap, args.province)
+    by_coords = {d.coordinates: d for d in letters}
+    if args.show:
+        try:
+            name = coords(*parse_coords(args.show))
+        except ValueError as exc:
+            print(f"xsettle ops dlq: {exc}", file=sys.stderr)
+            return 2
+        letter = by_coords.get(name)
+        if letter is None:
+            print(f"xsettle ops dlq: no dead letter at {name}", file=sys.stderr)
+            return 1
+        shown = {**letter.to_json(), "preview": letter.decoded_preview()}
+        print(json.dumps(shown, ensure_ascii=False, indent=2))
+        return 0
+    if args.replay or args.replay_all:
+        chosen = []
+        if args.replay_all:
+            chosen = [d for d in letters if d.replayed_at_ms is None]
+        for text in args.replay or []:
+            try:
+                name = coords(*parse_coords(text))
+            except ValueError as exc:
+                print(f"xsettle ops dlq: {exc}", file=sys.stderr)
+                return 2
+            if name not in by_coords:
+                print(f"xsettle ops dlq: no dead letter at {name}", file=sys.stderr)
+                return 1
+            chosen.append(by_coords[name])
+        count = await replay(settings, bootstrap, chosen)
+        print(f"replayed {count} dead letter(s)")
+        for d in chosen:
+            print(f"  {d.coordinates} -> {d.original_coordinates} ({d.message_id or '-'})")
+        return 0
+    if args.json:
+        for d in letters:
+            print(json.dumps(d.to_json(), ensure_ascii=False))
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    print(
+        f"{'dead letter':<30}{'original':<30}{'kind':<22}{'detected':<21}{'key':<20}"
+        f"{'state':<10}error"
+    )
+    for d in letters:
+        j = d.to_json()
+        state = "replayed" if d.replayed_at_ms else "dead"
+        print(
+            f"{d.coordinates:<30}{d.original_coordinates or '-':<30}{d.error_kind or '-':<22}"
+            f"{_ts(d.detected_at_ms):<21}{j['key'] or '-':<20}{state:<10}"
+            f"{(j['error'] or '')[:80]}"
+        )
+    return 0
+
+
+def _stores(state_dir: Path, province: str | None) -> dict[str, Store] | None:
+    files = (
+        [state_dir / f"bus-{province}.sqlite3"]
+        if province
+        else sorted(state_dir.glob("bus-*.sqlite3"))
+    )
+    missing = [f for f in files if not f.is_file()]
+    if missing or not files:
+        where = missing[0] if missing else state_dir / "bus-*.sqlite3"
+        print(f"xsettle ops pending: no node store at {where}", file=sys.stderr)
+        return None
+    return {f.stem.removeprefix("bus-"): SqliteStore(f) for f in files}
+
+
+async def cmd_pending(args: argparse.Namespace) -> int:
+    """``ops pending``."""
+    stores = _stores(Path(args.state_dir), args.province)
+    if stores is None:
+        return 1
+    try:
+        now = now_ms()
+        rows = [row for store in stores.values() for row in pending_report(store, now)]
+    finally:
+        for store in stores.values():
+            store.close()
+    rows.sort(key=lambda r: ({"overdue": 0, "near": 1}.get(r.status, 2), r.deadline_ms))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.to_json(), ensure_ascii=False))
+        return 0
+    if not rows:
+        print("nothing pending")
+        return 0
+    print(f"{'target':<8}{'total':>7}{'overdue':>9}{'near':>7}{'waiting':>9}  oldest")
+    for t in pending_summary(rows):
+        print(
+            f"{t['target']:<8}{t['total']:>7}{t['overdue']:>9}{t['near']:>7}{t['waiting']:>9}"
+            f"  {t['oldest_age_s']:.0f} s"
+        )
+    print()
+    print(
+        f"{'status':<9}{'from':<8}{'to':<8}{'type':<16}{'message id':<38}{'age':>10}{'due in':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r.status:<9}{r.source or '-':<8}{r.target:<8}"
+            f"{r.message_type.removeprefix('xsettle.v1.'):<16}{r.message_id:<38}"
+            f"{r.age_s:>9.0f}s{r.remaining_s:>9.0f}s"
+        )
+    return 0
+
+
+async def cmd_console(args: argparse.Namespace) -> int:
+    """``ops console``."""
+    bootstrap = _need_bootstrap(args)
+    if bootstrap is None:
+        return 2
+    stores: dict[str, Store] = {}
+    if args.state_dir:
+        stores = _stores(Path(args.state_dir), None) or {}
+    console = Console(
+        settings_from(args),
+        bootstrap,
+        stores=stores,
+        province=args.province,
+        host=args.host,
+        port=args.port,
+    )
+    stop = _stop_event()
+    await console.start()
+    print(f"xsettle ops console on {console.url} (Ctrl-C stops it)", flush=True)
+    try:
+        if args.seconds is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.seconds)
+        else:
+            await stop.wait()
+    finally:
+        await console.stop()
+        for store in stores.values():
+            store.close()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``ops`` and its subcommands to the ``xsettle`` command line."""
+    ops = subparsers.add_parser("ops", help="ops monitoring: errors, dead letters, pending")
+    sub = ops.add_subparsers(dest="ops_command", required=True)
+
+    p = sub.add_parser("errors", help="follow error reports (aggregates and newest)")
+    add_bootstrap(p)
+    p.add_argument("--province", help="only reports addressed to this province")
+    p.add_argument(
+        "--from",
+        dest="since",
+        type=parse_since,
+        default=None,
+        help="now | beginning | epoch ms | ISO time (default: now when following, else beginning)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON lines, one per report")
+    p.add_argument(
+        "--follow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep following (default); --no-follow reads up to the current end and stops",
+    )
+    p.add_argument("--seconds", type=float, default=None, help="stop after N seconds")
+    p.set_defaults(run=cmd_errors)
+
+    p = sub.add_parser("dlq", help="list, show and replay dead letters")
+    add_bootstrap(p)
+    p.add_argument("--province", help="only this province's DLQ")
+    p.add_argument("--show", metavar="TOPIC:PARTITION:OFFSET", help="decode one dead letter")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--replay", nargs="+", metavar="TOPIC:PARTITION:OFFSET", help="replay these")
+    group.add_argument(
+        "--replay-all", action="store_true", help="replay every letter not yet replayed"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.set_defaults(run=cmd_dlq)
+
+    p = sub.add_parser("pending", help="requests waiting for an answer (from a node's store)")
+    p.add_argument("--state-dir", required=True, help="the node's state folder")
+    p.add_argument("--province", help="only this province's store bus-<P>.sqlite3")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.set_defaults(run=cmd_pending)
+
+    p = sub.add_parser("console", help="serve the ops web console")
+    add_bootstrap(p)
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: free)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
+    p.add_argument("--province", help="only this province's error and DLQ topics")
+    p.add_argument("--state-dir", help="show pending requests of the stores in this folder")
+    p.add_argument("--seconds", type=float, default=None, help="stop after N seconds")
+    p.set_defaults(run=cmd_console)

@@ -1,0 +1,413 @@
+"""Ops monitoring on the real embedded broker: planted faults show up with the right code and
+the province that must act, metrics are exported, and a dead letter replayed after its cause
+is fixed is processed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bus.broker import create_contract_topics
+from bus.codec import Codec, SchemaStore
+from bus.console import stats_rows, yuan
+from bus.constants import topic
+from bus.envelope import Envelope, new_id, now_ms
+from bus.errors import Rejection
+from bus.exporter import start_exporter
+from bus.models import ClaimPackage, ErrorCode, Message
+from bus.node import Context, Node
+from bus.ops import (
+    ErrorAggregate,
+    ErrorEvent,
+    follow_errors,
+    list_dead_letters,
+    parse_coords,
+    pending_report,
+    pending_summary,
+    replay,
+)
+from bus.settings import BusSettings
+from bus.store import PENDING, OutRecord, PendingRequest, SqliteStore
+from schemas import SCHEMA_DIR
+from simulators.cli import build_parser
+from tests import samples
+from tests.conftest import NodeFactory, ProvincePool
+from tests.helpers import eventually, produce_raw, read_topic
+
+pytestmark = pytest.mark.broker
+
+
+def region(province: str) -> str:
+    """The first pooling region of a province."""
+    return province[:2] + "0100"
+
+
+def claim_envelope(host: str, home: str, message_id: str | None = None) -> Envelope:
+    """Headers of a claim request from ``host`` to ``home``."""
+    return Envelope(
+        message_id=message_id or new_id(),
+        message_type=ClaimPackage.avro_name,
+        source=host,
+        target=home,
+        sent_at_ms=now_ms(),
+        reply_to=topic("reply", host),
+        deadline_ms=now_ms() + 600_000,
+    )
+
+
+def claim_value(codec: Codec, host: str, home: str) -> bytes:
+    """A valid encoded claim from ``host`` to ``home``."""
+    return codec.encode(samples.claim(home=region(home), host=region(host)))
+
+
+async def collect(
+    settings: BusSettings, broker: str, province: str | None, want: int, since: int | str
+) -> list[ErrorEvent]:
+    """Error events addressed to ``province`` until ``want`` arrived (or 20 s passed)."""
+    out: list[ErrorEvent] = []
+    source = follow_errors(
+        settings,
+        broker,
+        province=province,
+        since=since,  # type: ignore[arg-type]
+        stop_after_s=20,
+    )
+    async with contextlib.aclosing(source) as events:
+        async for event in events:
+            out.append(event)
+            if len(out) >= want:
+                break
+    return out
+
+
+def http_get(url: str) -> str:
+    """GET ``url`` and return its body as text (run in a thread)."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback URL)
+        body: bytes = response.read()
+    return body.decode("utf-8")
+
+
+class Reviewer:
+    """A home handler that approves every claim and counts how often it ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, message: Message, ctx: Context) -> Message | None:
+        assert isinstance(message, ClaimPackage)
+        self.calls.append(message.claim_id)
+        return samples.review(message.claim_id)
+
+
+class TestErrorsAndMetrics:
+    async def test_planted_faults_show_code_responsible_and_metrics(
+        self,
+        broker: str,
+        settings: BusSettings,
+        make_node: NodeFactory,
+        province_pool: ProvincePool,
+        codec: Codec,
+    ) -> None:
+        """Garbage in a claim inbox → INVALID_MESSAGE for the sender; a handler's refusal →
+        NOT_FILED for the sender; both in follow_errors (one province and all provinces),
+        in the exported metrics, and the garbage in the DLQ with a readable preview."""
+        started = now_ms()
+        host, home = province_pool.take(), province_pool.take()
+        await create_contract_topics(settings, broker, [host])
+        node = await make_node(home, start=False)
+
+        @node.on(ClaimPackage)
+        async def refuse(message: Message, ctx: Context) -> Message | None:
+            raise Rejection(ErrorCode.NOT_FILED, f"no filing for {samples.PERSON}")
+
+        await node.start()
+        await node.wait_ready()
+        claims = topic("claim", home)
+        garbage = claim_envelope(host, home, "garbage-1")
+        await produce_raw(
+            broker, settings, claims, b"\x00garbage", garbage.to_headers(), samples.PERSON.encode()
+        )
+        refused = claim_envelope(host, home, "refused-1")
+        await produce_raw(
+            broker,
+            settings,
+            claims,
+            claim_value(codec, host, home),
+            refused.to_headers(),
+            samples.PERSON.encode(),
+        )
+
+        events = await collect(settings, broker, host, 2, "beginning")
+        by_corr = {e.correlation_id: e for e in events}
+        assert set(by_corr) == {"garbage-1", "refused-1"}
+        assert by_corr["garbage-1"].code == ErrorCode.INVALID_MESSAGE.value
+        assert by_corr["refused-1"].code == ErrorCode.NOT_FILED.value
+        for event in events:
+            assert event.report is not None
+            assert event.report.responsible == host
+            assert event.report.origin == host
+            assert event.report.detected_by == home
+            text = json.dumps(event.to_json(), ensure_ascii=False)
+            assert samples.PERSON not in text  # the key and the message are masked
+            assert samples.PERSON[:6] in text
+        everywhere = await _events_for(settings, broker, host, started)
+        assert {e.correlation_id for e in everywhere} == {"garbage-1", "refused-1"}
+
+        agg = ErrorAggregate()
+        for event in events + events:  # the same reports twice count once
+            agg.add(event)
+        assert agg.total == 2
+        assert agg.by_responsible[host] == 2
+        assert agg.by_code[ErrorCode.NOT_FILED.value] == 1
+
+        server, port = start_exporter([node])
+        try:
+            text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert f'xsettle_dead_letters_total{{kind="bad_marker",province="{home}"}} 1.0' in text
+        assert f'xsettle_errors_total{{code="INVALID_MESSAGE",province="{home}"}} 1.0' in text
+        assert f'xsettle_errors_total{{code="NOT_FILED",province="{home}"}} 1.0' in text
+        assert f'xsettle_messages_in_total{{family="claim",province="{home}"}} 1.0' in text
+        assert f'xsettle_pending_requests{{province="{home}"}} 0.0' in text
+        assert f'xsettle_consumer_lag{{partition="0",province="{home}"' in text
+
+        letters = await list_dead_letters(settings, broker, home)
+        assert len(letters) == 1
+        letter = letters[0]
+        assert letter.error_kind == "bad_marker"
+        assert letter.original_topic == claims
+        assert letter.message_id == "garbage-1"
+        assert letter.replayed_at_ms is None
+        assert parse_coords(letter.coordinates) == (letter.topic, letter.partition, letter.offset)
+        preview = letter.decoded_preview(codec)
+        assert preview["envelope"]["source"] == host
+        assert preview["decode_error"].startswith("bad_marker")
+        assert preview["value_hex"].startswith("00 67 61")
+        assert samples.PERSON not in json.dumps(letter.to_json())
+
+
+async def _events_for(
+    settings: BusSettings, broker: str, province: str, since_ms: int
+) -> list[ErrorEvent]:
+    """Events addressed to ``province`` read through the all-provinces pattern reader."""
+    out: list[ErrorEvent] = []
+    source = follow_errors(
+        settings, broker, province=None, since=since_ms, stop_after_s=20, until_caught_up=True
+    )
+    async with contextlib.aclosing(source) as events:
+        async for event in events:
+            if event.addressee == province:
+                out.append(event)
+    return out
+
+
+def codec_without_claims() -> Codec:
+    """A codec whose schema store lacks ClaimPackage: the schema not yet deployed."""
+    store = SchemaStore()
+    for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+        if path.stem != "ClaimPackage":
+            store.add(json.loads(path.read_text(encoding="utf-8")), source=str(path), current=True)
+    return Codec(store)
+
+
+class TestReplay:
+    async def test_replay_after_the_fix_is_processed_exactly_once(
+        self,
+        broker: str,
+        settings: BusSettings,
+        province_pool: ProvincePool,
+        codec: Codec,
+        tmp_path: Path,
+    ) -> None:
+        """A claim the home cannot read (schema not deployed) is dead-lettered; after the
+        schema is deployed a replay runs the handler once, and a second replay of the same
+        letter does not run it again (idempotent by xs-message-id)."""
+        host, home = province_pool.take(), province_pool.take()
+        await create_contract_topics(settings, broker, [host, home])
+        node_settings = settings.model_copy(update={"state_dir": tmp_path})
+        before = Node(home, node_settings, bootstrap=broker, codec=codec_without_claims())
+        await before.start()
+        try:
+            await before.wait_ready()
+            env = claim_envelope(host, home)
+            await produce_raw(
+                broker,
+                settings,
+                topic("claim", home),
+                claim_value(codec, host, home),
+                env.to_headers(),
+                samples.PERSON.encode(),
+            )
+            await eventually(
+                lambda: (
+                    before.metrics.get("xsettle_dead_letters_total", kind="unknown_fingerprint")
+                    == 1
+                )
+            )
+        finally:
+            await before.stop()
+            before.store.close()
+        letters = await list_dead_letters(settings, broker, home)
+        assert [d.error_kind for d in letters] == ["unknown_fingerprint"]
+        assert letters[0].message_id == env.message_id
+
+        after = Node(home, node_settings, bootstrap=broker)  # the schema is deployed now
+        reviewer = Reviewer()
+        after.on(ClaimPackage)(reviewer)
+        await after.start()
+        try:
+            await after.wait_ready()
+            assert await replay(settings, broker, letters) == 1
+            await eventually(lambda: len(reviewer.calls) == 1)
+            replies = await read_topic(broker, settings, topic("reply", host), expect=1)
+            assert len(replies) == 1
+            listed = await list_dead_letters(settings, broker, home)
+            assert len(listed) == 1  # the replay marker is no dead letter
+            assert listed[0].replayed_at_ms is not None
+
+            assert await replay(settings, broker, listed) == 1
+            await eventually(
+                lambda: after.metrics.get("xsettle_duplicates_total", family="claim") == 1
+            )
+            await asyncio.sleep(0.3)
+            assert reviewer.calls == ["C-1"]
+            # The stored answer is sent again for the duplicate: same reply, twice.
+            replies = await read_topic(broker, settings, topic("reply", host), expect=2)
+            assert len({r.value for r in replies}) == 1
+        finally:
+            await after.stop()
+            after.store.close()
+
+
+class TestPending:
+    def test_overdue_first_then_near_then_waiting(self, tmp_path: Path) -> None:
+        """Overdue requests come first, then those within 10 % of their window or 60 s."""
+        store = SqliteStore(tmp_path / "bus-130000.sqlite3")
+        now = 10_000_000
+        cases = {
+            "overdue": (now - 100_000, now - 1_000),  # deadline passed
+            "near-60s": (now - 1_000, now + 30_000),  # 30 s left of a 31 s window
+            "near-10pct": (now - 9_000_000, now + 500_000),  # 0.5 of 9.5 ks: within 10 %
+            "waiting": (now - 1_000, now + 3_600_000),
+        }
+        for mid, (sent, deadline) in cases.items():
+            env = claim_envelope("130000", "460000", mid)
+            store.add_pending(
+                PendingRequest(
+                    message_id=mid,
+                    message_type=ClaimPackage.avro_name,
+                    target="460000" if mid != "waiting" else "530000",
+                    record=OutRecord("t", samples.PERSON.encode(), b"v", env.to_headers()),
+                    attempt=1,
+                    sent_at_ms=sent,
+                    deadline_ms=deadline,
+                    state=PENDING,
+                )
+            )
+        rows = pending_report(store, now)
+        store.close()
+        assert [r.message_id for r in rows] == ["overdue", "near-60s", "near-10pct", "waiting"]
+        assert [r.status for r in rows] == ["overdue", "near", "near", "waiting"]
+        assert rows[0].key is not None
+        assert samples.PERSON not in rows[0].key
+        assert rows[0].source == "130000"
+        summary = pending_summary(rows)
+        assert [s["target"] for s in summary] == ["460000", "530000"]
+        assert summary[0]["overdue"] == 1
+        assert summary[0]["near"] == 2
+
+
+class TestConsoleHelpers:
+    def test_money_in_yuan(self) -> None:
+        """Fen become yuan with two decimals and thousands separators."""
+        assert yuan(123456789) == "1,234,567.89"
+        assert yuan(-5) == "-0.05"
+        rows = stats_rows(
+            [{"home": "130000", "host": "460000", "month": "2026-05", "settlements": 2,
+              "total_fen": 25000, "fund_fen": 17550}]
+        )  # fmt: skip
+        assert rows[0]["total_yuan"] == "250.00"
+        assert rows[0]["fund_yuan"] == "175.50"
+
+
+class TestCli:
+    async def test_ops_commands(
+        self,
+        broker: str,
+        make_node: NodeFactory,
+        province_pool: ProvincePool,
+        settings: BusSettings,
+        capsys: pytest.CaptureFixture[str],
+        tmp_path: Path,
+    ) -> None:
+        """``ops errors --no-follow --json``, ``ops dlq`` (list, show, replay) and
+        ``ops pending`` work against the broker; a missing --bootstrap is an error."""
+        host, home = province_pool.take(), province_pool.take()
+        await create_contract_topics(settings, broker, [host])
+        store_dir = tmp_path / "state"
+        await make_node(home, state=store_dir)
+        # No wait for the group: the record waits in the topic until the node reads it.
+        await produce_raw(
+            broker,
+            settings,
+            topic("claim", home),
+            b"\x01junk",
+            claim_envelope(host, home, "junk-1").to_headers(),
+            samples.PERSON.encode(),
+        )
+        parser = build_parser()
+
+        async def run(*argv: str) -> tuple[int, list[str]]:
+            """Run one command; its output lines (log lines, which structlog prints to
+            stdout in tests, left out)."""
+            args = parser.parse_args(list(argv))
+            code: int = await args.run(args)
+            lines = capsys.readouterr().out.splitlines()
+            return code, [line for line in lines if not line[:4].isdigit()]
+
+        deadline = time.monotonic() + 30
+        out: list[str] = []
+        while time.monotonic() < deadline and not any("junk-1" in line for line in out):
+            code, out = await run(
+                "ops", "errors", "--bootstrap", broker, "--province", host, "--no-follow", "--json"
+            )
+            assert code == 0
+        line = json.loads(out[0])
+        assert line["code"] == "INVALID_MESSAGE"
+        assert line["responsible"] == host
+        assert samples.PERSON not in "\n".join(out)
+
+        code, out = await run("ops", "dlq", "--bootstrap", broker, "--province", home)
+        assert code == 0
+        rows = [r for r in out if r.startswith("xsettle.dlq.")]
+        assert len(rows) == 1
+        assert "bad_marker" in rows[0]
+        assert " dead " in rows[0]
+        where = rows[0].split()[0]
+        code, out = await run("ops", "dlq", "--bootstrap", broker, "--show", where)
+        assert code == 0
+        assert json.loads("\n".join(out))["preview"]["envelope"]["message_id"] == "junk-1"
+        code, out = await run("ops", "dlq", "--bootstrap", broker, "--replay", where)
+        assert code == 0
+        assert "replayed 1 dead letter(s)" in out
+        code, out = await run("ops", "dlq", "--bootstrap", broker, "--province", home)
+        assert " replayed " in next(r for r in out if r.startswith(where))
+
+        args = parser.parse_args(["ops", "dlq"])
+        args.bootstrap = None
+        assert await args.run(args) == 2
+        assert "--bootstrap" in capsys.readouterr().err
+
+        code, out = await run("ops", "pending", "--state-dir", str(tmp_path))
+        assert code == 1  # no node store in that folder
+        code, out = await run("ops", "pending", "--state-dir", str(store_dir), "--province", home)
+        assert code == 0
+        assert "nothing pending" in out
