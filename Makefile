@@ -30,6 +30,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
+	sh scripts/install-browser.sh
 	$(BIN)/pytest $(ARGS)
 
 bench: $(STAMP)
