@@ -381,6 +381,22 @@ class SqliteBackOffice:
             rows = self._all("SELECT data FROM claims")
         return [_load_claim(r[0]) for r in rows]
 
+    def settlement_stats(self, host: str) -> list[dict[str, object]]:
+        """Settled claims of this host by home province and month of discharge: the monthly
+        figures an ops lead reports (settlements, total costs, fund paid)."""
+        rows = self._all(
+            "SELECT substr(json_extract(data, '$.claim.home_region'), 1, 2) || '0000', "
+            "substr(json_extract(data, '$.claim.discharged_at'), 1, 7), count(*), "
+            "sum(json_extract(data, '$.claim.total_fen')), "
+            "sum(json_extract(data, '$.review.fund_fen')) "
+            "FROM claims WHERE state = ? GROUP BY 1, 2 ORDER BY 2, 1",
+            (ClaimState.SETTLED.value,),
+        )
+        return [
+            {"home": h, "host": host, "month": m, "settlements": n, "total_fen": t, "fund_fen": f}
+            for h, m, n, t, f in rows
+        ]
+
     def payments(self, claim_id: str | None = None) -> list[tuple[str, str, int]]:
         """(claim id, kind, fen) of every payment, optionally of one claim."""
         if claim_id is None:

@@ -466,8 +466,14 @@ async def run_demo(
     provinces: list[str] | None = None,
     directory: Directory | None = None,
     progress: bool = True,
+    console_port: int | None = None,
+    hold_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the demo and return its report (checked invariants included)."""
+    """Run the demo and return its report (checked invariants included).
+
+    With ``console_port`` the ops console (errors, dead letters, pending, statistics,
+    ``/metrics``) is served while it runs, and ``hold_s`` keeps it up after the report.
+    """
     directory = directory or Directory.default()
     provinces = provinces or list(directory.provinces())
     async with running_broker(settings, provinces) as (bootstrap, effective):
@@ -477,12 +483,41 @@ async def run_demo(
                 progress=progress,
             )  # fmt: skip
             await sim.start()
+            console = None
+            if console_port is not None:
+                console = await _start_console(sim, effective, bootstrap, console_port)
             try:
                 facts = await sim.run()
+                checks = check_invariants(facts)
+                report = build_report(facts, checks, _meta(scenario, bootstrap))
+                if console is not None and hold_s > 0:
+                    print(render(report))
+                    print(f"\nconsole stays up {hold_s:.0f} s: {console.url}", file=sys.stderr)
+                    await asyncio.sleep(hold_s)
             finally:
+                if console is not None:
+                    await console.stop()
                 await sim.stop()
-    checks = check_invariants(facts)
-    return build_report(facts, checks, _meta(scenario, bootstrap))
+    return report
+
+
+async def _start_console(sim: Simulation, settings: BusSettings, bootstrap: str, port: int) -> Any:
+    from bus.console import Console
+
+    def stats() -> list[dict[str, object]]:
+        return [row for p, s in sim.systems.items() for row in s.backoffice.settlement_stats(p)]
+
+    console = Console(
+        settings, bootstrap, nodes=[s.node for s in sim.systems.values()], stats=stats, port=port
+    )
+    await console.start()
+    print(
+        f"ops console: {console.url}  (metrics: {console.url}metrics; "
+        f"CLI: xsettle ops errors --bootstrap {bootstrap})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return console
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -496,8 +531,15 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}",
             file=sys.stderr,
         )
-    report = await run_demo(scenario, settings_from(args), progress=not args.quiet)
-    print(render(report))
+    report = await run_demo(
+        scenario,
+        settings_from(args),
+        progress=not args.quiet,
+        console_port=args.console,
+        hold_s=args.hold,
+    )
+    if not (args.console is not None and args.hold > 0):
+        print(render(report))
     write_report(report, Path(args.json))
     print(f"\nJSON report: {args.json}")
     return 0 if report["ok"] else 1
@@ -513,6 +555,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--scenario", type=Path, default=None, help="scenario TOML file")
     p.add_argument("--json", default="reports/demo-report.json", help="JSON report path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--console", type=int, default=None, metavar="PORT",
+        help="serve the ops web console on this port while the demo runs (0: a free port)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hold", type=float, default=0.0, metavar="SECONDS",
+        help="with --console: keep serving this long after the report",
+    )  # fmt: skip
     add_bootstrap(p)
     p.set_defaults(run=cmd_demo)
     from simulators.peers import register as register_peers  # peers imports this module
