@@ -33,7 +33,7 @@ pytest: $(STAMP)
 	sh scripts/install-browser.sh
 	$(BIN)/pytest $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  # xsettle bench: a table and reports/bench.json
 	$(BIN)/xsettle bench $(ARGS)
 
 clean:
