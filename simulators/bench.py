@@ -56,13 +56,9 @@ from bus.envelope import Envelope, new_id, now_ms
 from bus.models import (
     ClaimItem,
     ClaimPackage,
-    ErrorCode,
-    ErrorReport,
     FilingAction,
     FilingChannel,
     FilingReason,
-    FilingReceipt,
-    FilingStatus,
     FilingUpload,
     InsuranceType,
     ItemAdjustment,
@@ -70,8 +66,6 @@ from bus.models import (
     ReviewDecision,
     ReviewResult,
     SettlementMode,
-    SettlementNotice,
-    Severity,
     VisitType,
 )
 from bus.node import Answer, Context, Node
@@ -79,6 +73,7 @@ from bus.settings import BusSettings
 from bus.store import _PENDING_COLUMNS, PENDING, OutRecord, PendingRequest, SqliteStore
 from bus.store import _dump_headers as dump_headers
 from bus.transport import Admin
+from simulators import samples
 
 AT = dt.datetime(2026, 5, 8, 9, 30, tzinfo=dt.UTC)
 WINDOW = 500
@@ -215,57 +210,13 @@ def bench_review(claim_id: str) -> ReviewResult:
 
 def family_samples() -> dict[str, Message]:
     """One message of every family, the sizes the bus really carries."""
-    person = "130102195001011234"
     return {
-        "filing": FilingUpload(
-            filing_id="F-1",
-            action=FilingAction.CREATE,
-            person_id=person,
-            person_name="张建国",
-            insurance_type=InsuranceType.EMPLOYEE,
-            home_region="130100",
-            host_region="460100",
-            reason=FilingReason.RELOCATED_RETIREE,
-            channel=FilingChannel.APP,
-            valid_from=dt.date(2026, 1, 1),
-            valid_until=None,
-            referral_hospital=None,
-            filed_at=AT,
-        ),
-        "claim": bench_claim("130100", "460100", "C-1", person),
-        "receipt": FilingReceipt(
-            filing_id="F-1",
-            person_id=person,
-            host_region="460100",
-            status=FilingStatus.REGISTERED,
-            received_at=AT,
-        ),
+        "filing": samples.filing(),
+        "claim": bench_claim("130100", "460100", "C-1", samples.PERSON),
+        "receipt": samples.receipt(),
         "review": bench_review("C-1"),
-        "settlement": SettlementNotice(
-            claim_id="C-1",
-            personal_paid_fen=750_000,
-            fund_fen=1_750_000,
-            critical_illness_fen=0,
-            assistance_fen=0,
-            settled_at=AT,
-        ),
-        "error": ErrorReport(
-            error_id="E-1",
-            code=ErrorCode.NOT_FILED,
-            message="no filing",
-            ref_message_id="m-1",
-            ref_message_type="xsettle.v1.ClaimPackage",
-            ref_topic="xsettle.claim.130000",
-            ref_partition=1,
-            ref_offset=42,
-            detected_by="460000",
-            origin="460000",
-            responsible="130000",
-            retriable=False,
-            severity=Severity.ERROR,
-            occurred_at=AT,
-            details={"hospital": "H46010001"},
-        ),
+        "settlement": samples.notice(),
+        "error": samples.error_report(),
     }
 
 

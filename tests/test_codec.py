@@ -13,7 +13,7 @@ from bus.codec import Codec, SchemaStore, canonical_form, crc64_avro, fingerprin
 from bus.errors import DecodeError
 from bus.models import ClaimPackage, Message
 from schemas import SCHEMA_DIR
-from tests import samples
+from simulators import samples
 
 
 class TestFingerprint:

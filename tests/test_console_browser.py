@@ -21,7 +21,7 @@ from bus.envelope import Envelope, now_ms
 from bus.models import ClaimPackage
 from bus.settings import BusSettings
 from bus.store import PENDING, OutRecord, PendingRequest, SqliteStore
-from tests import samples
+from simulators import samples
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import produce_raw
 

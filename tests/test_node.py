@@ -32,7 +32,7 @@ from bus.models import (
     SettlementNotice,
 )
 from bus.node import Answer, Context, Node
-from tests import samples
+from simulators import samples
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import eventually, hdr, produce_raw, read_topic
 

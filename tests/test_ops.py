@@ -35,8 +35,8 @@ from bus.ops import (
 from bus.settings import BusSettings
 from bus.store import PENDING, OutRecord, PendingRequest, SqliteStore
 from schemas import SCHEMA_DIR
+from simulators import samples
 from simulators.cli import build_parser
-from tests import samples
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import eventually, produce_raw, read_topic
 

@@ -1,4 +1,4 @@
-"""Sample messages of every family, valid under the contract, for tests."""
+"""Sample messages of every family, valid under the contract, for tests and the benchmark."""
 
 from __future__ import annotations
 
