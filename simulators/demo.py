@@ -485,7 +485,7 @@ async def run_demo(
             await sim.start()
             console = None
             if console_port is not None:
-                console = await _start_console(sim, effective, bootstrap, console_port)
+                console = await start_console(sim, effective, bootstrap, console_port)
             try:
                 facts = await sim.run()
                 checks = check_invariants(facts)
@@ -501,7 +501,7 @@ async def run_demo(
     return report
 
 
-async def _start_console(sim: Simulation, settings: BusSettings, bootstrap: str, port: int) -> Any:
+async def start_console(sim: Simulation, settings: BusSettings, bootstrap: str, port: int) -> Any:
     from bus.console import Console
 
     def stats() -> list[dict[str, object]]:

@@ -25,7 +25,7 @@ from adapters.host import AdmissionRefused
 from bus.broker import create_contract_topics
 from bus.models import FilingAction
 from bus.transport import wait_for_metadata
-from simulators.demo import DAY, Simulation, write_report
+from simulators.demo import DAY, Simulation, start_console, write_report
 from simulators.invariants import build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -139,6 +139,9 @@ async def run_peer(
         f" on {settings.bootstrap}; state in {state}",
         flush=True,
     )
+    console = None
+    if args.console is not None:
+        console = await start_console(peer, settings, settings.bootstrap, args.console)
     began = time.monotonic()
     try:
         filed = await peer.file_own(args.filings)
@@ -150,6 +153,8 @@ async def run_peer(
         facts = await peer.facts()
         facts.duration_s = time.monotonic() - began
     finally:
+        if console is not None:
+            await console.stop()
         await peer.stop()
     checks = check_invariants(facts)
     return build_report(
@@ -165,6 +170,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     add_bootstrap(p)
     p.add_argument("--directory", help="directory TOML file (default: the packaged one)")
+    p.add_argument(
+        "--console", type=int, default=None, metavar="PORT",
+        help="serve the ops console and Prometheus /metrics on this port (0: a free one)",
+    )  # fmt: skip
     p.add_argument("--filings", type=int, default=5, help="persons filed per agreement as home")
     p.add_argument("--visits", type=int, default=5, help="visits of foreign-filed persons")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for their filings")
