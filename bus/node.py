@@ -339,6 +339,7 @@ class Node:
             await self._consumer.stop()
             self._consumer = None
         await self._producer.stop()
+        await self.store.sync()
         for fut in self._waiters.values():
             fut.cancel()
         self._waiters.clear()
@@ -462,6 +463,7 @@ class Node:
                 state=PENDING,
             )
         )
+        await self.store.sync()  # durable before the record leaves
         if waiter:
             self._waiters[env.message_id] = asyncio.get_running_loop().create_future()
         fut = await self._send(record, family)
@@ -602,6 +604,7 @@ class Node:
                 offsets[part] = ready + 1
         if offsets:
             try:
+                await self.store.sync()  # state first, then the offsets that depend on it
                 await self._consumer.commit(offsets)
             except BusError as exc:
                 self._log.warning("commit_failed", error=str(exc))
@@ -803,6 +806,7 @@ class Node:
             if env.source != self.province:
                 extra.append(self._report_out(rep, self.province, rec.key, env.message_id))
         self.store.mark_processed(env.message_id, env.message_type, answer, now_ms())
+        await self.store.sync()  # the answer is stored before it is sent
         sent: list[_Sent] = []
         for out in ([answer] if answer else []) + extra:
             sent.append(_Sent(out, await self._send(out, out.topic.split(".")[1])))
@@ -910,6 +914,8 @@ class Node:
     async def sweep(self) -> int:
         """Turn overdue requests into DEADLINE_EXCEEDED; returns how many."""
         expired = self.store.expire_due(now_ms(), SWEEP_BATCH)
+        if expired:
+            await self.store.sync()
         for pending in expired:
             await self._expire(pending)
         return len(expired)

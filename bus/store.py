@@ -13,6 +13,7 @@ yet told) → ``expired`` → ``late`` (an answer came after all). ``answered`` 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import struct
 import threading
@@ -130,8 +131,12 @@ class Store(Protocol):
     def prune(self, before_ms: int) -> int:
         """Delete finished entries older than ``before_ms``; return how many."""
 
+    async def sync(self) -> None:
+        """Make every operation so far durable (operations are atomic at once, durable
+        after the next sync; concurrent callers may share one commit)."""
+
     def close(self) -> None:
-        """Release the store."""
+        """Make everything durable and release the store."""
 
 
 _SCHEMA = """
@@ -227,7 +232,10 @@ class SqliteStore:
 
     Write-ahead logging with ``synchronous=NORMAL``: a committed row survives a process
     crash (the case the bus guards against); only a power loss can drop the newest commits.
-    Calls are short and synchronous; the node calls them from its event loop.
+    Operations are short and synchronous, each atomic (a savepoint); they become durable at
+    :meth:`sync`, which commits once for everything written in the same event-loop turn.
+    The node syncs before anything leaves that depends on the state: a request before it is
+    sent, an answer before it is sent, and every Kafka offset commit.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -241,22 +249,64 @@ class SqliteStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pending_commit: asyncio.Future[None] | None = None
+        self._closed = False
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
+        """One operation: a savepoint inside the shared open transaction (group commit).
+
+        The operation is atomic; it becomes durable at the next :meth:`sync`.
+        """
         with self._lock:
             cur = self._db.cursor()
             try:
-                cur.execute("BEGIN")  # one connection per node: no writer to race
-                yield cur
-                cur.execute("COMMIT")
+                if not self._db.in_transaction:
+                    cur.execute("BEGIN")  # one connection per node: no writer to race
+                cur.execute("SAVEPOINT op")
             except sqlite3.Error as exc:
-                self._db.rollback()
                 raise StoreError(f"store {self.path}: {exc}") from exc
-            except BaseException:
-                self._db.rollback()
+            try:
+                yield cur
+                cur.execute("RELEASE op")
+            except BaseException as exc:
+                cur.execute("ROLLBACK TO op")
+                cur.execute("RELEASE op")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"store {self.path}: {exc}") from exc
                 raise
+
+    def commit(self) -> None:
+        """Make every operation so far durable now."""
+        with self._lock:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise StoreError(f"store {self.path}: commit failed: {exc}") from exc
+
+    async def sync(self) -> None:
+        """Make every operation so far durable. Callers in the same event-loop turn share
+        one commit (group commit): that is what lets the bus commit once per batch
+        instead of once per message."""
+        if not self._db.in_transaction:
+            return
+        if self._pending_commit is None:
+            loop = asyncio.get_running_loop()
+            self._pending_commit = loop.create_future()
+            loop.call_soon(self._commit_soon)
+        await asyncio.shield(self._pending_commit)
+
+    def _commit_soon(self) -> None:
+        fut, self._pending_commit = self._pending_commit, None
+        assert fut is not None
+        try:
+            self.commit()
+        except StoreError as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -401,5 +451,9 @@ class SqliteStore:
         return int(a) + int(b) + int(c)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self.commit()
         with self._lock:
             self._db.close()
+            self._closed = True
