@@ -373,10 +373,8 @@ class SqliteBackOffice:
 
     def claims(self, *, open_only: bool = False) -> list[HostClaim]:
         if open_only:
-            rows = self._all(
-                "SELECT data FROM claims WHERE state NOT IN (?, ?)",
-                (ClaimState.SETTLED.value, ClaimState.REFUSED.value),
-            )
+            done = sorted(s.value for s in TERMINAL_STATES)
+            rows = self._all("SELECT data FROM claims WHERE state NOT IN (?, ?)", tuple(done))
         else:
             rows = self._all("SELECT data FROM claims")
         return [_load_claim(r[0]) for r in rows]

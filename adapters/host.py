@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from adapters.backoffice import ClaimState, HostBackOffice, HostClaim
+from adapters.backoffice import TERMINAL_STATES, ClaimState, HostBackOffice, HostClaim
 from adapters.directory import Directory, province_of
 from adapters.home import filing_covers
 from adapters.rules import max_advance_fen
@@ -261,7 +261,7 @@ class HostRole:
         if claim is None:
             log.warning("review_for_unknown_claim", request_id=answer.request_id)
             return
-        if claim.state in (ClaimState.SETTLED, ClaimState.REFUSED):
+        if claim.state in TERMINAL_STATES:
             log.info("claim_already_closed", claim_id=claim.claim.claim_id, late=answer.late)
             if claim.state is ClaimState.SETTLED and claim.review is not None:
                 await self._notify(claim, claim.review)  # the notice may not have gone out

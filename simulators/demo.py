@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from adapters.backoffice import TERMINAL_STATES, ClaimState, Person
+from adapters.backoffice import ClaimState, Person
 from adapters.directory import Agreement, Directory, province_of
 from adapters.host import AdmissionRefused
 from adapters.province import ProvinceSystem
@@ -570,4 +570,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register_peers(sub)
 
 
-__all__ = ["TERMINAL_STATES", "Simulation", "register", "run_demo"]
+__all__ = ["Simulation", "register", "run_demo"]
