@@ -28,6 +28,7 @@ from bus.models import (
     ReviewDecision,
     ReviewResult,
     SettlementMode,
+    yuan,
 )
 
 PERMILLE: Final = 1000
@@ -55,13 +56,6 @@ HospitalLevel = Annotated[int, Field(strict=True, ge=1, le=3)]
 def share(amount_fen: int, permille: int) -> int:
     """A fund's ``permille`` share of ``amount_fen``, rounded down to the fen."""
     return amount_fen * permille // PERMILLE
-
-
-def yuan(fen: int) -> str:
-    """Fen as a yuan string with two decimals and thousands separators: ``-1,250.00``."""
-    sign = "-" if fen < 0 else ""
-    whole, cents = divmod(abs(fen), 100)
-    return f"{sign}{whole:,}.{cents:02d}"
 
 
 class _Frozen(BaseModel):

@@ -36,6 +36,7 @@ from bus.constants import DLQ_TOPIC_PATTERN, ERROR_TOPIC_PATTERN, FAMILY_DLQ, FA
 from bus.envelope import now_ms
 from bus.errors import BusError
 from bus.exporter import CONTENT_TYPE, MetricsSource, registry_for, render
+from bus.models import yuan
 from bus.ops import (
     DeadLetter,
     DeadLetterBook,
@@ -62,13 +63,6 @@ RETRY_S = 2.0
 """Pause before a reader that lost the broker starts again."""
 MAX_BODY = 1 << 20
 """Largest POST body accepted (bytes)."""
-
-
-def yuan(fen: int) -> str:
-    """Fen as yuan text with thousands separators: ``123456`` → ``1,234.56``."""
-    sign = "-" if fen < 0 else ""
-    whole, cents = divmod(abs(int(fen)), 100)
-    return f"{sign}{whole:,}.{cents:02d}"
 
 
 def stats_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -29,6 +29,13 @@ Fen = Annotated[int, Field(strict=True)]
 """An amount of money in fen (1 yuan = 100 fen). Never a float."""
 
 
+def yuan(fen: int) -> str:
+    """Fen as a yuan string with two decimals and thousands separators: ``-1,250.00``."""
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(int(fen)), 100)
+    return f"{sign}{whole:,}.{cents:02d}"
+
+
 def now() -> dt.datetime:
     """The current instant, as a :data:`Timestamp` value."""
     return _utc_millis(dt.datetime.now(dt.UTC))

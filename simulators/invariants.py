@@ -10,7 +10,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapters.rules import MAX_ADVANCE_PERMILLE, max_advance_fen, yuan
+from adapters.rules import MAX_ADVANCE_PERMILLE, max_advance_fen
+from bus.models import yuan
 
 TERMINAL = ("SETTLED", "REFUSED")
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import datetime as dt
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -217,7 +216,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--claims", type=int, default=0, help="visits among simulated provinces")
     _common(p)
     p.set_defaults(run=cmd_simulate)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(1)

@@ -15,12 +15,12 @@ import pytest
 
 from bus.broker import create_contract_topics
 from bus.codec import Codec, SchemaStore
-from bus.console import stats_rows, yuan
+from bus.console import stats_rows
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
 from bus.errors import Rejection
 from bus.exporter import start_exporter
-from bus.models import ClaimPackage, ErrorCode, Message
+from bus.models import ClaimPackage, ErrorCode, Message, yuan
 from bus.node import Context, Node
 from bus.ops import (
     ErrorAggregate,

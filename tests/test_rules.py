@@ -27,7 +27,6 @@ from adapters.rules import (
     review_result,
     settle_balance,
     share,
-    yuan,
 )
 from bus.models import (
     CatalogueClass,
@@ -38,6 +37,7 @@ from bus.models import (
     ReviewDecision,
     SettlementMode,
     VisitType,
+    yuan,
 )
 
 A, B, SELF = CatalogueClass.A, CatalogueClass.B, CatalogueClass.SELF_PAY
