@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapters.rules import YearUsage
+from bus.db import Database
 from bus.models import (
     ClaimPackage,
     FilingStatus,
@@ -103,6 +103,9 @@ class HomeBackOffice(Protocol):
     def review_of(self, claim_id: str) -> tuple[str, ReviewResult] | None:
         """(request id, result) of a claim already reviewed."""
 
+    def reviewed_for(self, claim_id: str) -> str | None:
+        """The host province whose claim ``claim_id`` this home reviewed, or None."""
+
     def record_review(
         self,
         claim_id: str,
@@ -111,9 +114,12 @@ class HomeBackOffice(Protocol):
         result: ReviewResult,
         year: int,
         usage: YearUsage,
+        *,
+        host: str,
     ) -> tuple[str, ReviewResult]:
-        """Store a review and the person's new usage atomically; if the claim was reviewed
-        before, change nothing and return the earlier (request id, result)."""
+        """Store a review of ``host``'s claim and the person's new usage atomically; if the
+        claim was reviewed before, change nothing and return the earlier (request id,
+        result)."""
 
     def record_settlement(self, notice: SettlementNotice) -> None:
         """The host closed a claim (basis of monthly clearing)."""
@@ -150,7 +156,8 @@ CREATE TABLE IF NOT EXISTS home_filings (
 CREATE INDEX IF NOT EXISTS home_filings_person ON home_filings (person_id);
 CREATE TABLE IF NOT EXISTS usage (person_id TEXT, year INTEGER, data TEXT,
     PRIMARY KEY (person_id, year));
-CREATE TABLE IF NOT EXISTS reviews (claim_id TEXT PRIMARY KEY, request_id TEXT, data TEXT);
+CREATE TABLE IF NOT EXISTS reviews (claim_id TEXT PRIMARY KEY, request_id TEXT, data TEXT,
+    host TEXT);
 CREATE TABLE IF NOT EXISTS settlements (claim_id TEXT PRIMARY KEY, data TEXT);
 CREATE TABLE IF NOT EXISTS host_filings (person_id TEXT PRIMARY KEY, data TEXT);
 CREATE TABLE IF NOT EXISTS claims (claim_id TEXT PRIMARY KEY, request_id TEXT, state TEXT,
@@ -189,36 +196,28 @@ def _load_claim(text: str) -> HostClaim:
 
 
 class SqliteBackOffice:
-    """Reference back office of one province (both roles), one SQLite file."""
+    """Reference back office of one province (both roles), in the province's database.
 
-    def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+    It shares :class:`bus.db.Database` with the bus's store, so the writes a role makes while
+    handling a record join that record's step: the claim row, its payment, the processed mark
+    and the outgoing notice commit together or not at all.
+    """
+
+    def __init__(self, db: Database | Path | str) -> None:
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.db.migrate(_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+        with self.db.write() as cur:
+            yield cur
 
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self.db.query(sql, args)
 
     def close(self) -> None:
-        """Release the file."""
-        self._db.close()
+        """Release the file (shared with the bus's store: close after the node stopped)."""
+        self.db.close()
 
     # --- home -----------------------------------------------------------------------------
     def add_person(self, person: Person) -> None:
@@ -292,6 +291,8 @@ class SqliteBackOffice:
         result: ReviewResult,
         year: int,
         usage: YearUsage,
+        *,
+        host: str,
     ) -> tuple[str, ReviewResult]:
         with self._tx() as cur:
             row = cur.execute(
@@ -300,14 +301,18 @@ class SqliteBackOffice:
             if row is not None:
                 return str(row[0]), ReviewResult.model_validate_json(row[1])
             cur.execute(
-                "INSERT INTO reviews VALUES (?, ?, ?)",
-                (claim_id, request_id, result.model_dump_json()),
+                "INSERT INTO reviews VALUES (?, ?, ?, ?)",
+                (claim_id, request_id, result.model_dump_json(), host),
             )
             cur.execute(
                 "INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
                 (person_id, year, usage.model_dump_json()),
             )
         return request_id, result
+
+    def reviewed_for(self, claim_id: str) -> str | None:
+        rows = self._all("SELECT host FROM reviews WHERE claim_id = ?", (claim_id,))
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def reviews(self) -> list[ReviewResult]:
         """Every review made (the demo's report reads these)."""

@@ -10,7 +10,6 @@ message id (``DUPLICATE_CLAIM``). The review itself is :func:`adapters.rules.rev
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 
 import structlog
@@ -29,7 +28,6 @@ from bus.models import (
     FilingUpload,
     Message,
     ReviewResult,
-    SettlementMode,
     SettlementNotice,
     now,
 )
@@ -70,13 +68,11 @@ class HomeRole:
         directory: Directory,
         backoffice: HomeBackOffice,
         *,
-        review_delay_s: float = 0.0,
         reviewer: str | None = None,
     ) -> None:
         self.node = node
         self.directory = directory
         self.backoffice = backoffice
-        self.review_delay_s = review_delay_s
         self.reviewer = reviewer or f"{node.province}-auto"
         self.reports: list[ErrorReport] = []
         """Error reports addressed to this province that answered nothing of ours."""
@@ -86,9 +82,11 @@ class HomeRole:
         node.on_answer(FilingUpload)(self._on_receipt)
 
     async def file(self, filing: FilingUpload) -> str:
-        """Register a filing here and upload it to the host; returns the request id."""
-        self.backoffice.record_filing(filing)
-        return await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
+        """Register a filing here and upload it to the host, in one step; returns the
+        request id."""
+        async with self.node.step():
+            self.backoffice.record_filing(filing)
+            return await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
 
     async def _on_receipt(self, answer: Answer) -> None:
         if isinstance(answer.message, FilingReceipt):
@@ -97,7 +95,21 @@ class HomeRole:
             log.warning("filing_not_registered", code=str(answer.code), target=answer.target)
 
     async def _on_settlement(self, message: Message, ctx: Context) -> None:
+        """Record a settlement of a claim this home reviewed for the sending host; a notice
+        about any other claim is reported to its sender, never stored."""
         assert isinstance(message, SettlementNotice)
+        host = self.backoffice.reviewed_for(message.claim_id)
+        if host != ctx.envelope.source:
+            why = (
+                "was never reviewed here"
+                if host is None
+                else f"was sent by {host}, not {ctx.envelope.source}"
+            )
+            raise errors.Rejection(
+                ErrorCode.INVALID_MESSAGE,
+                f"settlement notice for claim {message.claim_id}, which {why}",
+                details={"responsible": ctx.envelope.source, "reason": "unknown_claim"},
+            )
         self.backoffice.record_settlement(message)
 
     async def _on_report(self, message: Message, ctx: Context) -> None:
@@ -177,8 +189,6 @@ class HomeRole:
                 f"not in {host}'s catalogue: {', '.join(unknown[:10])}",
                 responsible=host,
             )
-        if claim.settlement_mode is SettlementMode.DELAYED and self.review_delay_s > 0:
-            await asyncio.sleep(self.review_delay_s)  # stands in for manual review
         year = claim.discharged_at.year
         usage = self.backoffice.year_usage(claim.person_id, year)
         outcome = review(
@@ -197,6 +207,7 @@ class HomeRole:
             result,
             year,
             outcome.new_usage,
+            host=host,
         )
         if request_id != ctx.envelope.message_id:
             raise self._refuse(

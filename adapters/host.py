@@ -180,10 +180,9 @@ class HostRole:
             severity=Severity.WARNING,
             details={"stage": "admission"},
         )
-        fut = await self.node.send_report(
+        await self.node.send_report(
             rep, to=home, key=person_id.encode("utf-8"), correlation_id=None
         )
-        await fut
         log.info("admission_refused", code=code.value, person_id=person_id, home=home)
         raise AdmissionRefused(code, text)
 
@@ -225,46 +224,40 @@ class HostRole:
         )
 
     async def submit(self, claim: ClaimPackage) -> str:
-        """Collect the advance (DELAYED), send the claim to the home; returns the request id."""
-        existing = self.backoffice.claim(claim.claim_id)
-        if existing is not None and existing.request_id is not None:
-            return existing.request_id
+        """Collect the advance (DELAYED) and send the claim to the home, in one step: the
+        claim row, its advance, the pending request and the outgoing record commit together,
+        so a crash never charges an advance without the claim leaving, nor twice. Submitting
+        a claim id again returns the first request id and changes nothing."""
         deadline = (
             self.delayed_deadline_s
             if claim.settlement_mode is SettlementMode.DELAYED
             else self.instant_deadline_s
         )
-        self.backoffice.save_claim(
-            HostClaim(
-                claim=claim,
-                request_id=None,
-                state=ClaimState.AWAITING_REVIEW,
-                advance_collected_fen=claim.advance_fen,
-            ),
-            payments=[("ADVANCE", claim.advance_fen)],
-        )
-        request_id = await self.node.request(claim, deadline_s=deadline)
-        current = self.backoffice.claim(claim.claim_id)
-        if current is not None and current.request_id is None:
-            self.backoffice.save_claim(_with(current, request_id=request_id))
+        async with self.node.step():
+            existing = self.backoffice.claim(claim.claim_id)
+            if existing is not None and existing.request_id is not None:
+                return existing.request_id
+            request_id = await self.node.request(claim, deadline_s=deadline)
+            self.backoffice.save_claim(
+                HostClaim(
+                    claim=claim,
+                    request_id=request_id,
+                    state=ClaimState.AWAITING_REVIEW,
+                    advance_collected_fen=claim.advance_fen,
+                ),
+                payments=[("ADVANCE", claim.advance_fen)],
+            )
         return request_id
 
     # --- answers -------------------------------------------------------------------------------
     async def _on_review(self, answer: Answer) -> None:
+        """The home's answer, in the step that stores it: settle, refuse or fall back."""
         claim = self.backoffice.claim_by_request(answer.request_id)
-        if claim is None and answer.request is not None:
-            request = self.node.codec.decode(answer.request.record.value)
-            assert isinstance(request, ClaimPackage)
-            claim = self.backoffice.claim(request.claim_id)
-            if claim is not None:
-                claim = _with(claim, request_id=answer.request_id)
         if claim is None:
             log.warning("review_for_unknown_claim", request_id=answer.request_id)
             return
         if claim.state in TERMINAL_STATES:
             log.info("claim_already_closed", claim_id=claim.claim.claim_id, late=answer.late)
-            if claim.state is ClaimState.SETTLED and claim.review is not None:
-                await self._notify(claim, claim.review)  # the notice may not have gone out
             return
         message = answer.message
         if not answer.late:
@@ -317,7 +310,8 @@ class HostRole:
         await self._notify(claim, result)
 
     async def _notify(self, claim: HostClaim, result: ReviewResult) -> None:
-        """Tell the home the claim is settled (idempotent at the home by claim id)."""
+        """Tell the home the claim is settled, in the settlement's step (idempotent at the
+        home by claim id)."""
         c = claim.claim
         notice = SettlementNotice(
             claim_id=c.claim_id,

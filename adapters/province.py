@@ -1,4 +1,9 @@
-"""One province on the bus: its node, both roles, and its back office, started together."""
+"""One province on the bus: its node, both roles, and its back office, started together.
+
+The province's state is one SQLite file, ``province-<code>.sqlite3`` in the state folder: the
+bus's tables (processed ids, stored answers, pending requests, the outbox) and the back
+office's, so that every step commits both in one transaction.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from adapters.backoffice import SqliteBackOffice
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
+from bus.db import Database
 from bus.node import Node
 from bus.settings import BusSettings
+from bus.store import SqliteStore
 
 
 class ProvinceSystem:
@@ -23,20 +30,21 @@ class ProvinceSystem:
         bootstrap: str,
         directory: Directory,
         state_dir: Path | None = None,
-        review_delay_s: float = 0.0,
         instant_deadline_s: float = INSTANT_DEADLINE_S,
         delayed_deadline_s: float = DELAYED_DEADLINE_S,
     ) -> None:
         folder = state_dir or settings.state_dir
         self.province = province
         self.directory = directory
+        self.db = Database(folder / f"province-{province}.sqlite3")
         self.node = Node(
             province,
             settings.model_copy(update={"state_dir": folder}),
             bootstrap=bootstrap,
+            store=SqliteStore(self.db),
         )
-        self.backoffice = SqliteBackOffice(folder / f"backoffice-{province}.sqlite3")
-        self.home = HomeRole(self.node, directory, self.backoffice, review_delay_s=review_delay_s)
+        self.backoffice = SqliteBackOffice(self.db)
+        self.home = HomeRole(self.node, directory, self.backoffice)
         self.host = HostRole(
             self.node,
             directory,
@@ -55,6 +63,5 @@ class ProvinceSystem:
         await self.node.stop()
 
     def close(self) -> None:
-        """Close the durable files (after stop)."""
-        self.node.store.close()
-        self.backoffice.close()
+        """Close the durable file (after stop)."""
+        self.db.close()

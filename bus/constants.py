@@ -70,6 +70,28 @@ H_DLQ_GROUP: Final = "xs-dlq-consumer-group"
 H_DLQ_DETECTED_AT: Final = "xs-dlq-detected-at"
 H_DLQ_REPLAYED_AT: Final = "xs-dlq-replayed-at"
 
+# Headers of a dead letter that could not keep the original byte for byte (bus/deadletter.py).
+H_DLQ_CONTENT: Final = "xs-dlq-content"
+"""What the dead letter carries: DLQ_CONTENT_COPY, DLQ_CONTENT_DIGEST or DLQ_CONTENT_UNREADABLE
+(absent on dead letters written before the header existed: a copy)."""
+H_DLQ_ORIGINAL_SIZE: Final = "xs-dlq-original-size"
+"""Bytes of the original record (key + value + headers, as MAX_RECORD_BYTES counts them)."""
+H_DLQ_ORIGINAL_SHA256: Final = "xs-dlq-original-sha256"
+"""Hex SHA-256 of the original value when the dead letter leaves the value out."""
+H_DLQ_REPLAY_OF: Final = "xs-dlq-replay-of"
+"""On a replay marker: ``topic:partition:offset`` of the dead letter that was replayed."""
+
+DLQ_HEADER_PREFIX: Final = "xs-dlq-"
+"""Every diagnostic header of a dead letter starts so; stripping them gives the original's."""
+DLQ_CONTENT_COPY: Final = "copy"
+"""The original key, value and headers, byte for byte: it can be replayed."""
+DLQ_CONTENT_DIGEST: Final = "digest"
+"""The original was over MAX_RECORD_BYTES: value left out (size and SHA-256 instead), headers
+kept only when they fit."""
+DLQ_CONTENT_UNREADABLE: Final = "unreadable"
+"""The Kafka client could not parse the original (a header key that is not UTF-8): nothing of
+it is known but its coordinates."""
+
 # --- Codes ------------------------------------------------------------------------------------
 PROVINCE_RE: Final = re.compile(r"^\d{2}0000$")
 REGION_RE: Final = re.compile(r"^\d{6}$")
@@ -97,3 +119,16 @@ concurrency on 2 cores; a real cluster sets its own."""
 ERROR_TEXT_MAX: Final = 500
 """Diagnostic text is cut to this many characters so a header stays far below Kafka's
 default 1 MiB record limit even for pathological exception text."""
+
+MAX_RECORD_BYTES: Final = 1_048_576
+"""The contract's limit for one record, key + value + headers: 1 MiB, the default
+``message.max.bytes`` of Apache Kafka (and ``max.request.size`` of its producers), so a record
+the contract allows is accepted by any cluster left at its defaults. A claim package is a few
+KiB, so even thousands of items stay far below it."""
+
+MAX_REQUEST_BYTES: Final = MAX_RECORD_BYTES + 64 * 1024
+"""The producer's ``max_request_size`` and the broker's ``message.max.bytes``
+(docker-compose.yml): one record at the contract's limit plus 64 KiB for what a dead letter
+adds to it (nine ``xs-dlq-*`` headers with an error text of at most ERROR_TEXT_MAX characters,
+under 3 KiB) and the record batch's own overhead (61 bytes of batch header, a few per record).
+So the copy of any record the contract allows can always be dead-lettered."""

@@ -9,6 +9,7 @@ dead letter and an ``INVALID_MESSAGE`` report.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from bus.constants import (
     TOPIC_RE,
     province_of,
 )
+from bus.constants import topic as topic_name
 from bus.errors import DecodeError
 from bus.models import (
     ClaimPackage,
@@ -63,6 +65,16 @@ REPLY_OF: dict[type[Message], type[Message]] = {
     ClaimPackage: ReviewResult,
 }
 """The reply type that answers each request type (else an ErrorReport)."""
+
+SUBJECT_OF: dict[type[Message], str] = {
+    FilingUpload: "filing_id",
+    FilingReceipt: "filing_id",
+    ClaimPackage: "claim_id",
+    ReviewResult: "claim_id",
+    SettlementNotice: "claim_id",
+}
+"""The payload field naming what a message is about: a reply must name the same one as its
+request."""
 
 ROUTES: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("home_region", "host_region"),
@@ -132,8 +144,9 @@ class Envelope:
 
     @classmethod
     def from_headers(cls, headers: Headers) -> Envelope:
-        """Parse headers; :class:`DecodeError` ``missing_header`` or ``header_mismatch``."""
-        h = header_dict(headers)
+        """Parse headers; :class:`DecodeError` ``undecodable_header``, ``missing_header`` or
+        ``header_mismatch``."""
+        h = strict_headers(headers)
         missing = [
             n for n in (H_MESSAGE_ID, H_MESSAGE_TYPE, H_SOURCE, H_TARGET, H_SENT_AT) if n not in h
         ]
@@ -157,13 +170,34 @@ class Envelope:
 
 
 def header_dict(headers: Headers) -> dict[str, str]:
-    """Headers as a dict of text (last one wins; undecodable bytes replaced)."""
+    """Headers as a dict of text for display (last one wins; undecodable bytes replaced)."""
     return {k: v.decode("utf-8", errors="replace") for k, v in headers}
+
+
+def strict_headers(headers: Headers) -> dict[str, str]:
+    """Headers as a dict of text; a value that is not UTF-8 is a :class:`DecodeError`
+    (``undecodable_header``), never silently mangled into an id."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        try:
+            out[k] = v.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError("undecodable_header", f"header {k!r} is not UTF-8") from exc
+    return out
+
+
+def text_headers(headers: Headers) -> dict[str, str]:
+    """The headers whose values are UTF-8 text; others left out (for diagnostics)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        with contextlib.suppress(UnicodeDecodeError):
+            out[k] = v.decode("utf-8")
+    return out
 
 
 def sender_of(headers: Headers) -> str | None:
     """The ``xs-source`` province when it is a valid province code, else None."""
-    source = header_dict(headers).get(H_SOURCE)
+    source = text_headers(headers).get(H_SOURCE)
     return source if source is not None and PROVINCE_RE.match(source) else None
 
 
@@ -195,6 +229,13 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
     if route is not None:
         if envelope.reply_to is None or envelope.deadline_ms is None:
             raise DecodeError("missing_header", "a request needs xs-reply-to and xs-deadline")
+        own = topic_name(FAMILY_REPLY, envelope.source)
+        if envelope.reply_to != own:
+            raise DecodeError(
+                "header_mismatch",
+                f"xs-reply-to {envelope.reply_to} is not {own}: answers go only to the "
+                "sender's own reply topic",
+            )
         src = province_of(str(getattr(message, route[0])))
         dst = province_of(str(getattr(message, route[1])))
         if (src, dst) != (envelope.source, envelope.target):

@@ -1,33 +1,61 @@
 """A province node: publishes, consumes its inbox, answers requests, and tracks its own.
 
 One node per province process. It knows the contract, not medical rules: handlers registered
-with :meth:`Node.on` do the work. Outcomes, one table (the contract's promise made true):
+with :meth:`Node.on` do the work. Every unit of work is a *step* (:meth:`Node.step`): one
+transaction holding the state change, the processed mark and the records it causes (the
+outbox); records leave only from the outbox, after the commit (:mod:`bus.outbox`). Outcomes,
+one table (the contract's promise made true):
 
 ============================================  ==============================================
 what happens                                   outcome
 ============================================  ==============================================
 value/headers cannot be decoded or disagree    record copied byte for byte to
 (bad marker, unknown fingerprint, truncated,   ``xsettle.dlq.<self>`` with diagnostic headers;
-missing/contradicting header)                  ``INVALID_MESSAGE`` to ``xsettle.error.<sender>``
-                                               when ``xs-source`` names a province
-handler raises :class:`Rejection`              ``ErrorReport`` with its code to the sender's
-                                               error topic, ``xs-correlation-id`` set
-handler fails transiently (any other error)    retried with capped exponential backoff in its
-                                               own partition; after the last try
-                                               ``INTERNAL_ERROR`` (retriable) to the sender
-                                               and to ops (``xsettle.error.<self>``)
-same ``xs-message-id`` received again          not handled again; the stored answer is re-sent
-reply/ErrorReport for a pending request        delivered to the caller once (future/callback)
+missing/contradicting header, non-UTF-8        ``INVALID_MESSAGE`` to ``xsettle.error.<sender>``
+header value, ``xs-reply-to`` that is not      when ``xs-source`` names a province
+``xsettle.reply.<xs-source>``)
+header key the client cannot decode            dead letter with its coordinates, no bytes
+(poison record)                                (kind ``undecodable_header``); the partition
+                                               goes on after it
+record over ``MAX_RECORD_BYTES`` (1 MiB:       dead letter (kind ``oversized``) with
+key + value + headers)                         coordinates, size and SHA-256 instead of the
+                                               bytes; ``INVALID_MESSAGE`` to the sender
+handler raises :class:`Rejection`              its writes undone; ``ErrorReport`` with its
+                                               code to the sender's error topic,
+                                               ``xs-correlation-id`` set
+handler fails transiently (any other error)    the whole step rolled back and retried with
+                                               capped exponential backoff in its partition;
+                                               after the last try ``INTERNAL_ERROR``
+                                               (retriable) to the sender and to ops
+same ``xs-message-id`` received again          not handled again; the stored answer is
+                                               queued again, byte for byte
+reply/ErrorReport for a pending request        handled by the caller's callback in the same
+                                               step that stores it: delivered once
+reply from another province than the one       ``INVALID_MESSAGE`` to the replier and to ops;
+asked, of a family not paired with the         the request stays open
+request, or about another claim/filing
 reply for a request already answered           ignored, logged
 reply matching no request                      ``ORPHAN_REPLY`` to the replier's error topic
 answer after the deadline                      delivered as a *late* answer, not terminal
 deadline passes with no answer                 ``DEADLINE_EXCEEDED`` to the caller, to
-                                               ``xsettle.error.<target>`` and to ops
+                                               ``xsettle.error.<target>`` and to ops, in one
+                                               step with the caller's handling of it
+crash anywhere                                 a step is all or nothing; at start the outbox
+                                               is sent again (same id, ``xs-attempt`` + 1)
+                                               and stored answers the caller has not handled
+                                               are handed to it
+a send fails                                   retried from the outbox until acknowledged
+unexpected error in the fetch loop or a        logged with its traceback, counted in
+partition worker                               ``xsettle_worker_crashes_total``;
+                                               :attr:`Node.failed` is set and the process
+                                               exits non-zero (never a live process that
+                                               stopped consuming)
 ============================================  ==============================================
 
-Offsets are committed only for records whose outcome is durable: the answer stored and
-acknowledged by the broker (or the dead letter written). Order is kept per partition, work
-runs concurrently across partitions, and a partition with a long queue is paused.
+Offsets are committed only for records whose step committed and whose outbox records the
+broker acknowledged. Order is kept per partition, work runs concurrently across partitions
+(steps of one province are serialised by its database), and a partition with a long queue is
+paused.
 """
 
 from __future__ import annotations
@@ -37,7 +65,8 @@ import contextlib
 import contextvars
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,36 +75,31 @@ import structlog
 from bus.codec import Codec
 from bus.constants import (
     ERROR_TEXT_MAX,
-    FAMILY_DLQ,
     FAMILY_ERROR,
     FAMILY_REPLY,
-    H_DLQ_DETECTED_AT,
-    H_DLQ_ERROR,
-    H_DLQ_ERROR_KIND,
-    H_DLQ_GROUP,
-    H_DLQ_OFFSET,
-    H_DLQ_PARTITION,
-    H_DLQ_TIMESTAMP,
-    H_DLQ_TOPIC,
     H_MESSAGE_ID,
     INBOX_FAMILIES,
+    MAX_RECORD_BYTES,
     PROVINCE_RE,
     province_of,
     topic,
 )
+from bus.db import Step
+from bus.deadletter import dead_letter, record_size
 from bus.envelope import (
     FAMILY_OF,
     REPLY_OF,
     REQUESTS,
     ROUTES,
+    SUBJECT_OF,
     Envelope,
     check,
-    header_dict,
     new_id,
     now_ms,
     sender_of,
+    text_headers,
 )
-from bus.errors import BusError, DecodeError, Rejection, RoutingError
+from bus.errors import BusError, DecodeError, Rejection, RoutingError, StoreError
 from bus.metrics import Metrics
 from bus.models import (
     ErrorCode,
@@ -86,9 +110,10 @@ from bus.models import (
     Severity,
     now,
 )
+from bus.outbox import Relay, family_of_topic
 from bus.settings import BusSettings
-from bus.store import EXPIRED, EXPIRING, PENDING, OutRecord, PendingRequest, SqliteStore, Store
-from bus.transport import Consumer, Headers, Partition, Producer, Record
+from bus.store import EXPIRED, PENDING, OutRecord, PendingRequest, SqliteStore, Store
+from bus.transport import Consumer, Partition, Producer, Record
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +131,9 @@ DRAIN_TIMEOUT_S = 10.0
 """Longest a graceful stop waits for in-flight work."""
 FETCH_TIMEOUT_MS = 100
 """Longest one fetch blocks, so a stop is noticed quickly."""
+STALL_AFTER_S = 60.0
+"""A partition whose record has been in hand this long (retries included: five tries with
+backoff capped at 5 s take ~20 s) counts as stalled in :meth:`Node.stalled` and the metrics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +141,7 @@ class Context:
     """What a handler knows about the record it handles."""
 
     node: Node
-    """The node, to publish or request from inside a handler."""
+    """The node, to publish or request from inside a handler (joins the handler's step)."""
     envelope: Envelope
     """The record's contract headers."""
     record: Record
@@ -155,23 +183,17 @@ AnswerCallback = Callable[[Answer], Awaitable[None]]
 
 
 @dataclass
-class _Sent:
-    record: OutRecord
-    future: asyncio.Future[Any]
-
-
-@dataclass
 class _Worker:
     """Sequential processing of one partition."""
 
     part: Partition
     queue: deque[Record] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    done: deque[tuple[int, list[_Sent]]] = field(default_factory=deque)
+    done: deque[tuple[int, list[asyncio.Future[None]]]] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     paused: bool = False
     stopping: bool = False
-    current: int | None = None
+    busy_since: float | None = None
 
 
 def report(
@@ -236,11 +258,18 @@ class Node:
         self.group = group or f"xsettle-{province}"
         self.metrics = Metrics()
         self.metrics.gauge("xsettle_pending_requests", lambda: float(self.store.count(PENDING)))
+        self.metrics.gauge("xsettle_outbox_records", lambda: float(self.store.outbox_size()))
+        self.metrics.gauge("xsettle_stalled_partitions", lambda: float(len(self.stalled())))
+        self.failure: BaseException | None = None
+        """The unexpected error that stopped a worker; the process must exit non-zero."""
+        self.failed = asyncio.Event()
+        """Set when a worker died unexpectedly (see :attr:`failure`)."""
         self._handlers: dict[type[Message], Handler] = {}
         self._answer_callbacks: dict[str, AnswerCallback] = {}
         self._waiters: dict[str, asyncio.Future[Answer]] = {}
         self._workers: dict[Partition, _Worker] = {}
         self._producer = Producer(settings, bootstrap, name=f"{province}-out")
+        self._relay = Relay(self.store, self._producer, self.metrics, province)
         self._consumer: Consumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
@@ -252,8 +281,11 @@ class Node:
     def on(self, model: type[M]) -> Callable[[Handler], Handler]:
         """Register the handler of inbox messages of ``model``.
 
-        A handler of a request returns the reply (``FilingReceipt``/``ReviewResult``) or
-        raises :class:`Rejection`; other handlers return None.
+        A handler runs inside the record's step: what it writes through the store's database
+        and what it sends with :meth:`publish`/:meth:`request` commit together with the
+        record's processed mark. A handler of a request returns the reply
+        (``FilingReceipt``/``ReviewResult``) or raises :class:`Rejection`; other handlers
+        return None (or raise :class:`Rejection` to report the record to its sender).
         """
 
         def register(handler: Handler) -> Handler:
@@ -264,8 +296,8 @@ class Node:
 
     def on_answer(self, request_model: type[Message]) -> Callable[[AnswerCallback], AnswerCallback]:
         """Register the callback that receives answers to requests of ``request_model``
-        (including DEADLINE_EXCEEDED and late answers). It must be idempotent: after a crash
-        an answer not yet acknowledged by the callback is given again."""
+        (including DEADLINE_EXCEEDED and late answers). It runs inside the step that stores
+        the answer, so its writes and sends commit with it, once."""
 
         def register(callback: AnswerCallback) -> AnswerCallback:
             self._answer_callbacks[request_model.avro_name] = callback
@@ -280,12 +312,22 @@ class Node:
         return [topic(family, self.province) for family in INBOX_FAMILIES]
 
     async def start(self, *, consume: bool = True) -> Node:
-        """Connect, redeliver answers a crash left undelivered, and start consuming."""
+        """Connect, send what a crash left in the outbox, hand undelivered answers to their
+        callbacks, and start consuming."""
         if self._running:
             return self
         self._running = True
         self._stop_event.clear()
         await self._producer.start()
+        await self._relay.start()
+        for pending in self.store.undelivered():
+            assert pending.answer is not None
+            try:
+                async with self.step():
+                    await self._deliver(pending, self.codec.decode(pending.answer.value))
+                    self.store.mark_delivered(pending.message_id)
+            except Exception:
+                self._log.exception("answer_redelivery_failed", message_id=pending.message_id)
         if consume:
             self._consumer = Consumer(
                 self.settings, self.bootstrap, group=self.group, name=f"{self.province}-in"
@@ -294,16 +336,32 @@ class Node:
                 self.inbox, on_revoked=self._on_revoked, on_assigned=self._on_assigned
             )
             await self._consumer.start()
-            self._tasks.append(asyncio.create_task(self._fetch_loop(), name="fetch"))
-        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
-        for pending in self.store.undelivered():
-            if pending.state == EXPIRING:
-                await self._expire(pending)
-            else:
-                assert pending.answer is not None
-                await self._deliver(pending, self.codec.decode(pending.answer.value), late=False)
+            self._spawn(self._fetch_loop(), "fetch")
+        self._spawn(self._sweep_loop(), "sweep")
         self._log.info("node_started", group=self.group, inbox=self.inbox)
         return self
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fatal(task.get_name(), exc)
+
+    def _fatal(self, where: str, exc: BaseException) -> None:
+        """A worker died of an error nobody expected: loud, counted, and fatal."""
+        self._log.critical("worker_crashed", task=where, error=repr(exc)[:300], exc_info=exc)
+        self.metrics.inc("xsettle_worker_crashes_total", task=where.split(":")[0])
+        if self.failure is None:
+            self.failure = exc
+        self.failed.set()
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Wait until the group assigned every partition of the inbox to this node."""
@@ -312,9 +370,34 @@ class Node:
         deadline = time.monotonic() + timeout_s
         expected = len(self.inbox) * self.settings.partitions
         while len(self._consumer.assignment()) < expected:
+            if self.failure is not None:
+                raise BusError(f"{self.province}: a worker died: {self.failure!r}")
             if time.monotonic() > deadline:
                 raise BusError(f"{self.province}: inbox not assigned within {timeout_s} s")
             await asyncio.sleep(0.05)
+
+    def stalled(self) -> list[Partition]:
+        """Partitions whose record in hand has not finished for :data:`STALL_AFTER_S`."""
+        limit = time.monotonic() - STALL_AFTER_S
+        return [
+            part
+            for part, w in self._workers.items()
+            if w.busy_since is not None and w.busy_since < limit
+        ]
+
+    def health(self) -> dict[str, object]:
+        """Liveness: failed worker, stalled partitions, outbox and pending sizes."""
+        stalled = self.stalled()
+        return {
+            "province": self.province,
+            "ok": self.failure is None and not stalled and self._running,
+            "running": self._running,
+            "failure": repr(self.failure) if self.failure is not None else None,
+            "stalled": [f"{p.topic}:{p.partition}" for p in stalled],
+            "outbox": self.store.outbox_size(),
+            "in_flight": self._relay.in_flight,
+            "pending": self.store.count(PENDING),
+        }
 
     async def stop(self) -> None:
         """Stop fetching, drain in-flight work, commit what is done, disconnect. Idempotent."""
@@ -325,7 +408,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
         with contextlib.suppress(TimeoutError):
@@ -335,11 +418,11 @@ class Node:
             if worker.task is not None:
                 worker.task.cancel()
         self._workers.clear()
+        await self._relay.stop()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
         await self._producer.stop()
-        await self.store.sync()
         for fut in self._waiters.values():
             fut.cancel()
         self._waiters.clear()
@@ -355,6 +438,7 @@ class Node:
                 worker.task.cancel()
         self._workers.clear()
         self._tasks.clear()
+        self._relay.abandon()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -366,7 +450,30 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # --- sending --------------------------------------------------------------------------
+    # --- steps and the outbox --------------------------------------------------------------
+    @asynccontextmanager
+    async def step(self) -> AsyncIterator[Step]:
+        """One transaction over the province's state and the bus's: what is written inside,
+        including records sent with :meth:`publish`, :meth:`request` or :meth:`send_report`,
+        commits together; the records leave after the commit. Inside a step it joins it."""
+        if self.store.current() is not None:
+            async with self.store.step() as joined:
+                yield joined
+            return
+        async with self.store.step() as st:
+            yield st
+        futures = self._relay.dispatch(st.outbox)  # no await in between: commit order kept
+        outputs = _OUTPUTS.get()
+        if outputs is not None:
+            outputs.extend(futures)
+
+    def _emit(self, record: OutRecord) -> None:
+        """Queue a record in the running step's outbox."""
+        st = self.store.current()
+        if st is None:
+            raise StoreError("a record can only be sent from inside a step")
+        st.outbox.append((self.store.add_outbox(record), record))
+
     def _envelope(self, message: Message, target: str, **extra: Any) -> Envelope:
         return Envelope(
             message_id=new_id(),
@@ -380,11 +487,6 @@ class Node:
     def _out(self, message: Message, env: Envelope, key: bytes | None, dest: str) -> OutRecord:
         return OutRecord(dest, key, self.codec.encode(message), env.to_headers())
 
-    async def _send(self, record: OutRecord, family: str) -> asyncio.Future[Any]:
-        fut = await self._producer.send(record.topic, record.key, record.value, record.headers)
-        self.metrics.inc("xsettle_messages_out_total", family=family)
-        return fut
-
     async def publish(
         self,
         message: Message,
@@ -392,25 +494,16 @@ class Node:
         target: str,
         key: bytes | None = None,
         correlation_id: str | None = None,
-        wait: bool | None = None,
     ) -> Envelope:
-        """Send a message that is not a request (a notice, a report) to ``target``'s inbox.
-
-        By default, inside a handler or answer callback the send is not awaited but tied to
-        the record being processed: its offset is committed only once the broker has
-        acknowledged this message too. Elsewhere the default waits for the acknowledgement.
-        """
+        """Send a message that is not a request (a notice, a report) to ``target``'s inbox,
+        through the outbox of the running step (or a step of its own)."""
         if type(message) in REQUESTS:
             raise RoutingError(f"{message.avro_name} is a request: use request() or ask()")
         env = self._envelope(message, target, correlation_id=correlation_id)
         family = FAMILY_OF[type(message)]
         record = self._out(message, env, key or message_key(message), topic(family, target))
-        fut = await self._send(record, family)
-        outputs = _OUTPUTS.get()
-        if wait is None and outputs is not None:
-            outputs.append(_Sent(record, fut))
-        elif wait is not False:
-            await fut
+        async with self.step():
+            self._emit(record)
         return env
 
     def _target_of(self, message: Message) -> str:
@@ -419,28 +512,7 @@ class Node:
             raise RoutingError(f"{message.avro_name} is not a request")
         return province_of(str(getattr(message, route[1])))
 
-    async def request(self, message: Message, *, deadline_s: float) -> str:
-        """Send a request; the answer goes to the :meth:`on_answer` callback. Returns its id.
-
-        The pending request is stored durably before the record is sent.
-        """
-        request_id, fut = await self._request(message, deadline_s, waiter=False)
-        await fut
-        return request_id
-
-    async def ask(self, message: Message, *, deadline_s: float) -> Answer:
-        """Send a request and wait for its terminal answer (or DEADLINE_EXCEEDED)."""
-        request_id, fut = await self._request(message, deadline_s, waiter=True)
-        await fut
-        waiter = self._waiters[request_id]
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter), deadline_s + 30.0)
-        finally:
-            self._waiters.pop(request_id, None)
-
-    async def _request(
-        self, message: Message, deadline_s: float, *, waiter: bool
-    ) -> tuple[str, asyncio.Future[Any]]:
+    def _request_record(self, message: Message, deadline_s: float) -> PendingRequest:
         target = self._target_of(message)
         sent = now_ms()
         env = self._envelope(
@@ -450,68 +522,93 @@ class Node:
             deadline_ms=sent + int(deadline_s * 1000),
         )
         family = FAMILY_OF[type(message)]
-        record = self._out(message, env, message_key(message), topic(family, target))
-        self.store.add_pending(
-            PendingRequest(
-                message_id=env.message_id,
-                message_type=message.avro_name,
-                target=target,
-                record=record,
-                attempt=1,
-                sent_at_ms=sent,
-                deadline_ms=env.deadline_ms or sent,
-                state=PENDING,
-            )
+        return PendingRequest(
+            message_id=env.message_id,
+            message_type=message.avro_name,
+            target=target,
+            record=self._out(message, env, message_key(message), topic(family, target)),
+            attempt=1,
+            sent_at_ms=sent,
+            deadline_ms=env.deadline_ms or sent,
+            state=PENDING,
         )
-        await self.store.sync()  # durable before the record leaves
-        if waiter:
-            self._waiters[env.message_id] = asyncio.get_running_loop().create_future()
-        fut = await self._send(record, family)
+
+    async def request(self, message: Message, *, deadline_s: float) -> str:
+        """Send a request; the answer goes to the :meth:`on_answer` callback. Returns its id.
+
+        The pending request and the record commit in one step (the running one, or its own)."""
+        pending = self._request_record(message, deadline_s)
+        async with self.step():
+            self.store.add_pending(pending)
+            self._emit(pending.record)
         self._log.debug(
-            "request_sent", message_id=env.message_id, type=message.avro_name, target=target
-        )
-        return env.message_id, fut
+            "request_sent", message_id=pending.message_id, type=pending.message_type,
+            target=pending.target,
+        )  # fmt: skip
+        return pending.message_id
+
+    async def ask(self, message: Message, *, deadline_s: float) -> Answer:
+        """Send a request and wait for its terminal answer (or DEADLINE_EXCEEDED)."""
+        if self.store.current() is not None:
+            raise RoutingError("ask() inside a step would wait for its own commit: use request()")
+        pending = self._request_record(message, deadline_s)
+        waiter: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiters[pending.message_id] = waiter
+        try:
+            async with self.step():
+                self.store.add_pending(pending)
+                self._emit(pending.record)
+            return await asyncio.wait_for(asyncio.shield(waiter), deadline_s + 30.0)
+        finally:
+            self._waiters.pop(pending.message_id, None)
 
     async def resend(self, request_id: str) -> bool:
         """Send an unanswered request again: same id, ``xs-attempt`` + 1. False if answered."""
-        pending = self.store.get_pending(request_id)
-        if pending is None or pending.state != PENDING:
-            return False
-        env = Envelope.from_headers(pending.record.headers).resent()
-        record = OutRecord(
-            pending.record.topic, pending.record.key, pending.record.value, env.to_headers()
-        )
-        self.store.bump_attempt(request_id, record)
-        await (await self._send(record, FAMILY_OF_NAME.get(pending.message_type, "?")))
+        async with self.step():
+            pending = self.store.get_pending(request_id)
+            if pending is None or pending.state != PENDING:
+                return False
+            env = Envelope.from_headers(pending.record.headers).resent()
+            record = OutRecord(
+                pending.record.topic, pending.record.key, pending.record.value, env.to_headers()
+            )
+            self.store.bump_attempt(request_id, record)
+            self._emit(record)
         self.metrics.inc("xsettle_resends_total")
         self._log.info("request_resent", message_id=request_id, attempt=env.attempt)
         return True
 
-    async def resend_unanswered(self, older_than_s: float) -> int:
-        """Re-send every pending request first sent more than ``older_than_s`` ago."""
-        cutoff = now_ms() - int(older_than_s * 1000)
-        count = 0
-        for pending in self.store.pending_requests(100_000):
-            if pending.sent_at_ms <= cutoff and await self.resend(pending.message_id):
-                count += 1
-        return count
+    async def send_report(
+        self, rep: ErrorReport, *, to: str, key: bytes | None, correlation_id: str | None
+    ) -> None:
+        """Send an ErrorReport to ``xsettle.error.<to>`` (through the outbox)."""
+        async with self.step():
+            self._emit(self._report_out(rep, to, key, correlation_id))
 
     async def send_raw(
-        self, topic_name: str, key: bytes | None, value: bytes, headers: Headers
+        self, topic_name: str, key: bytes | None, value: bytes, headers: Any
     ) -> None:
-        """Write a record exactly as given (fault injection, dead-letter replay)."""
+        """Write a record exactly as given, bypassing the outbox (fault injection, dead-letter
+        replay)."""
         await (await self._producer.send(topic_name, key, value, headers))
 
     async def lag(self) -> dict[Partition, int]:
         """Records not yet read per assigned inbox partition."""
         return await self._consumer.lag() if self._consumer is not None else {}
 
-    async def send_report(
-        self, rep: ErrorReport, *, to: str, key: bytes | None, correlation_id: str | None
-    ) -> asyncio.Future[Any]:
-        """Send an ErrorReport to ``xsettle.error.<to>`` without waiting for the ack."""
-        record = self._report_out(rep, to, key, correlation_id)
-        return await self._send(record, FAMILY_ERROR)
+    def _report_out(
+        self, rep: ErrorReport, to: str, key: bytes | None, correlation_id: str | None
+    ) -> OutRecord:
+        env = self._envelope(rep, to, correlation_id=correlation_id)
+        self.metrics.inc("xsettle_errors_total", code=rep.code.value)
+        self._log.info(
+            "error_reported",
+            code=rep.code.value,
+            to=to,
+            correlation_id=correlation_id,
+            responsible=rep.responsible,
+        )
+        return self._out(rep, env, key, topic(FAMILY_ERROR, to))
 
     # --- consuming ------------------------------------------------------------------------
     async def _on_assigned(self, parts: list[Partition]) -> None:
@@ -542,12 +639,13 @@ class Node:
             worker.stopping = True
             worker.wake.set()
             if worker.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
+                # A worker that died was reported by _fatal already.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await worker.task
-            for _, sent in worker.done:
-                for s in sent:
-                    with contextlib.suppress(Exception):
-                        await s.future
+            for _, futures in worker.done:
+                for fut in futures:
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await fut
 
     async def _fetch_loop(self) -> None:
         assert self._consumer is not None
@@ -556,6 +654,8 @@ class Node:
             try:
                 records = await consumer.fetch(FETCH_TIMEOUT_MS, self.settings.fetch_max_records)
             except BusError as exc:
+                if not exc.retriable:
+                    raise
                 self._log.warning("fetch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
@@ -564,7 +664,9 @@ class Node:
                 worker = self._workers.get(part)
                 if worker is None:
                     worker = self._workers[part] = _Worker(part)
-                    worker.task = asyncio.create_task(self._work(worker), name=f"work-{part}")
+                    worker.task = self._spawn(
+                        self._work(worker), f"work:{part.topic}:{part.partition}"
+                    )
                 worker.queue.append(rec)
                 worker.wake.set()
                 if not worker.paused and len(worker.queue) >= QUEUE_HIGH:
@@ -581,10 +683,10 @@ class Node:
                 await worker.wake.wait()
                 continue
             rec = worker.queue.popleft()
-            worker.current = rec.offset
-            sent = await self._process(rec)
-            worker.done.append((rec.offset, sent))
-            worker.current = None
+            worker.busy_since = time.monotonic()
+            futures = await self._process(rec)
+            worker.busy_since = None
+            worker.done.append((rec.offset, futures))
             if worker.paused and len(worker.queue) <= QUEUE_LOW and self._consumer is not None:
                 self._consumer.resume(worker.part)
                 worker.paused = False
@@ -599,56 +701,82 @@ class Node:
         for part, worker in list(self._workers.items()):
             if only is not None and part not in only:
                 continue
-            ready = await self._acknowledged(worker)
+            ready = _acknowledged(worker)
             if ready is not None:
                 offsets[part] = ready + 1
         if offsets:
             try:
-                await self.store.sync()  # state first, then the offsets that depend on it
                 await self._consumer.commit(offsets)
             except BusError as exc:
                 self._log.warning("commit_failed", error=str(exc))
 
-    async def _acknowledged(self, worker: _Worker) -> int | None:
-        """Highest offset whose outputs the broker has all acknowledged."""
-        ready: int | None = None
-        while worker.done:
-            offset, sent = worker.done[0]
-            for s in sent:
-                if not s.future.done():
-                    return ready
-                if s.future.exception() is not None:
-                    self._log.warning("produce_failed_resending", topic=s.record.topic)
-                    s.future = await self._send(s.record, "retry")
-                    return ready
-            worker.done.popleft()
-            ready = offset
-        return ready
-
     # --- processing one record ------------------------------------------------------------
-    async def _process(self, rec: Record) -> list[_Sent]:
-        outputs: list[_Sent] = []
+    async def _process(self, rec: Record) -> list[asyncio.Future[None]]:
+        """Handle one record to its end; returns the acknowledgements its offset waits for."""
+        outputs: list[asyncio.Future[None]] = []
         token = _OUTPUTS.set(outputs)
         try:
-            return await self._process_record(rec) + outputs
+            await self._process_record(rec)
         finally:
             _OUTPUTS.reset(token)
+        return outputs
 
-    async def _process_record(self, rec: Record) -> list[_Sent]:
-        self.metrics.inc("xsettle_records_in_total", topic_family=rec.topic.split(".")[1])
+    async def _process_record(self, rec: Record) -> None:
+        self.metrics.inc("xsettle_records_in_total", topic_family=family_of_topic(rec.topic))
+        poison = getattr(rec, "poison", None)
         try:
+            if poison is not None:
+                raise DecodeError("undecodable_header", poison)
+            size = record_size(rec)
+            if size > MAX_RECORD_BYTES:
+                raise DecodeError(
+                    "oversized", f"{size} bytes, over the contract's {MAX_RECORD_BYTES}"
+                )
             env = Envelope.from_headers(rec.headers)
             if rec.value is None:
                 raise DecodeError("malformed", "the record has no value")
             message = self.codec.decode(rec.value)
             check(env, message, rec.topic)
         except DecodeError as exc:
-            return await self._dead_letter(rec, exc)
-        family = FAMILY_OF[type(message)]
-        self.metrics.inc("xsettle_messages_in_total", family=family)
+            await self._dead_letter(rec, exc)
+            return
+        self.metrics.inc("xsettle_messages_in_total", family=FAMILY_OF[type(message)])
+        delay = self.settings.retry_initial_ms / 1000
+        attempts = self.settings.retry_attempts
+        failure: BaseException | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.step():
+                    await self._step(rec, env, message)
+                return
+            except Exception as exc:
+                failure = exc
+                self.metrics.inc("xsettle_handler_retries_total", type=env.message_type)
+                self._log.warning(
+                    "step_failed",
+                    message_id=env.message_id,
+                    type=env.message_type,
+                    attempt=attempt,
+                    error=repr(exc)[:ERROR_TEXT_MAX],
+                )
+                if isinstance(exc, BusError) and not exc.retriable:
+                    break
+                if attempt == attempts:
+                    break
+                # Wait in this partition only; a stop cuts the wait short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+                if self._stop_event.is_set():
+                    raise asyncio.CancelledError from exc
+                delay = min(delay * 2, self.settings.retry_max_ms / 1000)
+        async with self.step():
+            await self._give_up(rec, env, message, failure)
+
+    async def _step(self, rec: Record, env: Envelope, message: Message) -> None:
+        """The work of one decoded record, inside its step."""
         seen = self.store.processed(env.message_id)
         if seen is not None:
-            self.metrics.inc("xsettle_duplicates_total", family=family)
+            self.metrics.inc("xsettle_duplicates_total", family=FAMILY_OF[type(message)])
             self._log.info(
                 "duplicate_ignored",
                 message_id=env.message_id,
@@ -656,43 +784,61 @@ class Node:
                 attempt=env.attempt,
                 resent_answer=seen.answer is not None,
             )
-            if seen.answer is None:
-                return []
-            fut = await self._send(seen.answer, seen.answer.topic.split(".")[1])
-            return [_Sent(seen.answer, fut)]
+            if seen.answer is not None:
+                self._emit(seen.answer)
+            return
         if self._is_answer(env, message):
-            return await self._on_answer(rec, env, message)
-        return await self._handle(rec, env, message)
+            await self._on_answer(rec, env, message)
+        else:
+            await self._handle(rec, env, message)
 
     def _is_answer(self, env: Envelope, message: Message) -> bool:
         if isinstance(message, FilingReceipt | ReviewResult):
             return True
-        # An ErrorReport answers our request when another province sent it about one of ours;
-        # our own copies to ops are not answers.
-        return (
-            isinstance(message, ErrorReport)
-            and env.correlation_id is not None
-            and env.source != self.province
-            and self.store.get_pending(env.correlation_id) is not None
-        )
+        # An ErrorReport answers our request when the province we asked sent it about it;
+        # our own copies to ops, and reports from third provinces, are not answers.
+        if not isinstance(message, ErrorReport) or env.correlation_id is None:
+            return False
+        if env.source == self.province:
+            return False
+        pending = self.store.get_pending(env.correlation_id)
+        return pending is not None and pending.target == env.source
 
-    async def _on_answer(self, rec: Record, env: Envelope, message: Message) -> list[_Sent]:
+    def _mismatch(self, pending: PendingRequest, env: Envelope, message: Message) -> str | None:
+        """Why ``message`` cannot be the answer to ``pending`` (None: it can)."""
+        if env.source != pending.target:
+            return (
+                f"{env.message_type} from {env.source} answers {pending.message_type} "
+                f"{pending.message_id}, which was sent to {pending.target}"
+            )
+        if isinstance(message, ErrorReport):
+            if message.ref_message_id not in (None, pending.message_id):
+                return f"the ErrorReport is about {message.ref_message_id}, not the request"
+            return None
+        expected = REPLY_OF_NAME.get(pending.message_type)
+        if expected is None or not isinstance(message, expected):
+            return (
+                f"{env.message_type} cannot answer {pending.message_type}; "
+                f"the contract pairs it with {expected.avro_name if expected else 'nothing'}"
+            )
+        name = SUBJECT_OF.get(type(message))
+        if name is not None:
+            asked = getattr(self.codec.decode(pending.record.value), name)
+            told = getattr(message, name)
+            if asked != told:
+                return f"the answer is about {name} {told}, the request was about {asked}"
+        return None
+
+    async def _on_answer(self, rec: Record, env: Envelope, message: Message) -> None:
         assert env.correlation_id is not None
-        answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
-        before, pending = self.store.record_answer(
-            env.correlation_id,
-            answer,
-            now_ms(),
-            answer_id=env.message_id,
-            answer_type=env.message_type,
-        )
         bound = self._log.bind(
             message_id=env.message_id,
             correlation_id=env.correlation_id,
             type=env.message_type,
             source=env.source,
         )
-        if before is None:
+        pending = self.store.get_pending(env.correlation_id)
+        if pending is None:
             bound.warning("orphan_reply")
             self.metrics.inc("xsettle_answers_total", outcome="orphan")
             rep = report(
@@ -706,23 +852,53 @@ class Node:
                 ref=env,
                 record=rec,
             )
-            rec_out = await self._report_record(rep, env.source, rec.key, env.message_id)
-            return [rec_out]
-        assert pending is not None
+            self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
+            self._emit(self._report_out(rep, env.source, rec.key, env.message_id))
+            return
+        why = self._mismatch(pending, env, message)
+        if why is not None:
+            bound.warning("answer_refused", reason=why, request_target=pending.target)
+            self.metrics.inc("xsettle_answers_total", outcome="refused")
+            rep = report(
+                ErrorCode.INVALID_MESSAGE,
+                why,
+                detected_by=self.province,
+                origin=env.source,
+                responsible=env.source,
+                ref=env,
+                record=rec,
+                details={"request_id": pending.message_id},
+            )
+            self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
+            for to in dict.fromkeys((env.source, self.province)):
+                self._emit(self._report_out(rep, to, rec.key, env.message_id))
+            return
+        answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
+        before, _ = self.store.record_answer(
+            env.correlation_id,
+            answer,
+            now_ms(),
+            answer_id=env.message_id,
+            answer_type=env.message_type,
+            delivered=True,
+        )
         if before == PENDING:
-            self.metrics.inc("xsettle_answers_total", outcome="ok" if not isinstance(
-                message, ErrorReport) else "error")  # fmt: skip
-            await self._deliver(pending, message, late=False)
-        elif before in (EXPIRING, EXPIRED):
+            outcome = "error" if isinstance(message, ErrorReport) else "ok"
+            self.metrics.inc("xsettle_answers_total", outcome=outcome)
+            await self._deliver(pending, message)
+        elif before == EXPIRED:
             bound.info("late_answer")
             self.metrics.inc("xsettle_answers_total", outcome="late")
             await self._deliver(pending, message, late=True)
         else:
             bound.info("duplicate_answer_ignored", state=before)
             self.metrics.inc("xsettle_answers_total", outcome="duplicate")
-        return []
 
-    async def _deliver(self, pending: PendingRequest, message: Message, *, late: bool) -> None:
+    async def _deliver(
+        self, pending: PendingRequest, message: Message, *, late: bool = False
+    ) -> None:
+        """Hand an answer to its callback inside the running step; wake an :meth:`ask`
+        waiter once the step committed."""
         latency = max(0.0, (now_ms() - pending.sent_at_ms) / 1000)
         answer = Answer(
             request_id=pending.message_id,
@@ -736,46 +912,45 @@ class Node:
         if not late:
             family = FAMILY_OF_NAME.get(pending.message_type, "?")
             self.metrics.observe("xsettle_answer_latency_seconds", latency, family=family)
-        waiter = self._waiters.get(pending.message_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(answer)
         callback = self._answer_callbacks.get(pending.message_type)
         if callback is not None:
-            try:
-                await callback(answer)
-            except Exception:
-                # Left in state "answered": given again at the next start.
-                self._log.exception("answer_callback_failed", message_id=pending.message_id)
-                return
-        self.store.mark_delivered(pending.message_id)
+            await callback(answer)
+        waiter = self._waiters.get(pending.message_id)
+        st = self.store.current()
+        if waiter is not None and st is not None:
 
-    async def _handle(self, rec: Record, env: Envelope, message: Message) -> list[_Sent]:
+            def wake() -> None:
+                if not waiter.done():
+                    waiter.set_result(answer)
+
+            st.on_commit.append(wake)
+
+    async def _handle(self, rec: Record, env: Envelope, message: Message) -> None:
         ctx = Context(self, env, rec)
         is_request = type(message) in REQUESTS
         handler = self._handlers.get(type(message))
         answer: OutRecord | None = None
-        extra: list[OutRecord] = []
         try:
-            if handler is None:
+            async with self.store.step():  # a savepoint: a Rejection undoes the handler's writes
+                if handler is None:
+                    if is_request:
+                        raise Rejection(
+                            ErrorCode.INTERNAL_ERROR,
+                            f"{self.province} has no handler for {env.message_type}",
+                        )
+                    self._log.debug("no_handler", type=env.message_type)
+                    result = None
+                else:
+                    result = await handler(message, ctx)
                 if is_request:
-                    raise Rejection(
-                        ErrorCode.INTERNAL_ERROR,
-                        f"{self.province} has no handler for {env.message_type}",
-                    )
-                self._log.debug("no_handler", type=env.message_type)
-                result = None
-            else:
-                result = await self._run_with_retries(handler, message, ctx)
-            if is_request:
-                expected = REPLY_OF[type(message)]
-                if not isinstance(result, expected):
-                    raise Rejection(
-                        ErrorCode.INTERNAL_ERROR,
-                        f"the {env.message_type} handler answered {type(result).__name__}",
-                    )
-                reply_env = self._envelope(result, env.source, correlation_id=env.message_id)
-                assert env.reply_to is not None
-                answer = self._out(result, reply_env, rec.key, env.reply_to)
+                    expected = REPLY_OF[type(message)]
+                    if not isinstance(result, expected):
+                        raise Rejection(
+                            ErrorCode.INTERNAL_ERROR,
+                            f"the {env.message_type} handler answered {type(result).__name__}",
+                        )
+                    reply_env = self._envelope(result, env.source, correlation_id=env.message_id)
+                    answer = self._out(result, reply_env, rec.key, topic(FAMILY_REPLY, env.source))
         except Rejection as rej:
             rep = report(
                 rej.reject_code,
@@ -790,98 +965,56 @@ class Node:
                 details=rej.details,
             )
             answer = self._report_out(rep, env.source, rec.key, env.message_id)
-        except _GaveUp as exc:
-            rep = report(
-                ErrorCode.INTERNAL_ERROR,
-                f"{self.province} failed to handle {env.message_type}: {exc}",
-                detected_by=self.province,
-                origin=env.source,
-                responsible=self.province,
-                retriable=True,
-                severity=Severity.CRITICAL,
-                ref=env,
-                record=rec,
-            )
-            answer = self._report_out(rep, env.source, rec.key, env.message_id)
-            if env.source != self.province:
-                extra.append(self._report_out(rep, self.province, rec.key, env.message_id))
         self.store.mark_processed(env.message_id, env.message_type, answer, now_ms())
-        await self.store.sync()  # the answer is stored before it is sent
-        sent: list[_Sent] = []
-        for out in ([answer] if answer else []) + extra:
-            sent.append(_Sent(out, await self._send(out, out.topic.split(".")[1])))
-        return sent
+        if answer is not None:
+            self._emit(answer)
 
-    async def _run_with_retries(
-        self, handler: Handler, message: Message, ctx: Context
-    ) -> Message | None:
-        delay = self.settings.retry_initial_ms / 1000
-        attempts = self.settings.retry_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                return await handler(message, ctx)
-            except Rejection:
-                raise
-            except Exception as exc:
-                if isinstance(exc, BusError) and not exc.retriable:
-                    raise _GaveUp(repr(exc)) from exc
-                self.metrics.inc("xsettle_handler_retries_total", type=ctx.envelope.message_type)
-                self._log.warning(
-                    "handler_failed",
-                    message_id=ctx.envelope.message_id,
-                    type=ctx.envelope.message_type,
-                    attempt=attempt,
-                    error=repr(exc)[:ERROR_TEXT_MAX],
-                )
-                if attempt == attempts:
-                    raise _GaveUp(repr(exc)[:ERROR_TEXT_MAX]) from exc
-                # Sleep in this partition only; a stop cuts the wait short.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
-                if self._stop_event.is_set():
-                    raise asyncio.CancelledError from exc
-                delay = min(delay * 2, self.settings.retry_max_ms / 1000)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _report_out(
-        self, rep: ErrorReport, to: str, key: bytes | None, correlation_id: str | None
-    ) -> OutRecord:
-        env = self._envelope(rep, to, correlation_id=correlation_id)
-        self.metrics.inc("xsettle_errors_total", code=rep.code.value)
-        self._log.info(
-            "error_reported",
-            code=rep.code.value,
-            to=to,
-            correlation_id=correlation_id,
-            responsible=rep.responsible,
+    async def _give_up(
+        self, rec: Record, env: Envelope, message: Message, exc: BaseException | None
+    ) -> None:
+        """Every try failed: answer INTERNAL_ERROR (retriable) and tell our ops. An answer
+        to our own request is stored undelivered and handed to its callback at next start."""
+        self._log.error(
+            "step_gave_up", message_id=env.message_id, type=env.message_type, error=repr(exc)
         )
-        return self._out(rep, env, key, topic(FAMILY_ERROR, to))
+        rep = report(
+            ErrorCode.INTERNAL_ERROR,
+            f"{self.province} failed to handle {env.message_type}: {exc!r}",
+            detected_by=self.province,
+            origin=env.source,
+            responsible=self.province,
+            retriable=True,
+            severity=Severity.CRITICAL,
+            ref=env,
+            record=rec,
+        )
+        if self._is_answer(env, message):
+            assert env.correlation_id is not None
+            answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
+            self.store.record_answer(
+                env.correlation_id,
+                answer,
+                now_ms(),
+                answer_id=env.message_id,
+                answer_type=env.message_type,
+                delivered=False,
+            )
+            self._emit(self._report_out(rep, self.province, rec.key, env.message_id))
+            return
+        out = self._report_out(rep, env.source, rec.key, env.message_id)
+        self.store.mark_processed(env.message_id, env.message_type, out, now_ms())
+        self._emit(out)
+        if env.source != self.province:
+            self._emit(self._report_out(rep, self.province, rec.key, env.message_id))
 
-    async def _report_record(
-        self, rep: ErrorReport, to: str, key: bytes | None, correlation_id: str | None
-    ) -> _Sent:
-        out = self._report_out(rep, to, key, correlation_id)
-        return _Sent(out, await self._send(out, FAMILY_ERROR))
-
-    async def _dead_letter(self, rec: Record, exc: DecodeError) -> list[_Sent]:
-        """Copy the record byte for byte to our DLQ; tell the sender when we know who it is."""
+    async def _dead_letter(self, rec: Record, exc: DecodeError) -> None:
+        """Copy the record to our DLQ (or its coordinates and digest when it cannot be
+        copied); tell the sender when we know who it is."""
         self.metrics.inc("xsettle_dead_letters_total", kind=exc.kind)
-        diag = (
-            (H_DLQ_TOPIC, rec.topic),
-            (H_DLQ_PARTITION, str(rec.partition)),
-            (H_DLQ_OFFSET, str(rec.offset)),
-            (H_DLQ_TIMESTAMP, str(rec.timestamp_ms)),
-            (H_DLQ_ERROR_KIND, exc.kind),
-            (H_DLQ_ERROR, str(exc)[:ERROR_TEXT_MAX]),
-            (H_DLQ_GROUP, self.group),
-            (H_DLQ_DETECTED_AT, str(now_ms())),
+        letter = dead_letter(
+            rec, kind=exc.kind, error=str(exc), group=self.group, province=self.province
         )
-        headers: Headers = rec.headers + tuple((k, v.encode("utf-8")) for k, v in diag)
-        letter = OutRecord(topic(FAMILY_DLQ, self.province), rec.key, rec.value or b"", headers)
-        if rec.value is None:
-            letter = OutRecord(letter.topic, rec.key, b"", headers)
-        sent = [_Sent(letter, await self._send(letter, FAMILY_DLQ))]
-        hdrs = header_dict(rec.headers)
+        hdrs = text_headers(rec.headers)
         sender = sender_of(rec.headers)
         self._log.warning(
             "dead_lettered",
@@ -893,35 +1026,44 @@ class Node:
             message_id=hdrs.get(H_MESSAGE_ID),
             source=sender,
         )
-        if sender is not None:
-            ref = None
-            with contextlib.suppress(DecodeError):
-                ref = Envelope.from_headers(rec.headers)
-            rep = report(
-                ErrorCode.INVALID_MESSAGE,
-                f"{rec.topic}@{rec.partition}:{rec.offset} cannot be read: {exc}",
-                detected_by=self.province,
-                origin=sender,
-                responsible=sender,
-                ref=ref,
-                record=rec,
-                details={"kind": exc.kind, "dlq_topic": letter.topic},
-            )
-            sent.append(await self._report_record(rep, sender, rec.key, hdrs.get(H_MESSAGE_ID)))
-        return sent
+        async with self.step():
+            self._emit(letter)
+            if sender is not None:
+                ref = None
+                with contextlib.suppress(DecodeError):
+                    ref = Envelope.from_headers(rec.headers)
+                rep = report(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"{rec.topic}@{rec.partition}:{rec.offset} cannot be read: {exc}",
+                    detected_by=self.province,
+                    origin=sender,
+                    responsible=sender,
+                    ref=ref,
+                    record=rec,
+                    details={"kind": exc.kind, "dlq_topic": letter.topic},
+                )
+                self._emit(self._report_out(rep, sender, rec.key, hdrs.get(H_MESSAGE_ID)))
 
     # --- deadlines ------------------------------------------------------------------------
     async def sweep(self) -> int:
-        """Turn overdue requests into DEADLINE_EXCEEDED; returns how many."""
-        expired = self.store.expire_due(now_ms(), SWEEP_BATCH)
-        if expired:
-            await self.store.sync()
-        for pending in expired:
-            await self._expire(pending)
-        return len(expired)
+        """Turn overdue requests into DEADLINE_EXCEEDED, each in its own step; returns how
+        many. A step that fails leaves its request pending for the next sweep."""
+        expired = 0
+        for pending in self.store.due(now_ms(), SWEEP_BATCH):
+            try:
+                async with self.step():
+                    if self.store.mark_expired(pending.message_id):
+                        await self._expire(pending)
+                        expired += 1
+            except Exception as exc:
+                self.metrics.inc("xsettle_deadline_failures_total")
+                self._log.error(
+                    "deadline_step_failed", message_id=pending.message_id, error=repr(exc)[:300]
+                )
+        return expired
 
     async def _expire(self, pending: PendingRequest) -> None:
-        """Report DEADLINE_EXCEEDED for one request and hand it to the caller."""
+        """Report DEADLINE_EXCEEDED for one request and hand it to the caller (in a step)."""
         env = Envelope.from_headers(pending.record.headers)
         rep = report(
             ErrorCode.DEADLINE_EXCEEDED,
@@ -937,9 +1079,9 @@ class Node:
         )
         key = pending.record.key
         for to in (pending.target, self.province):
-            await (await self.send_report(rep, to=to, key=key, correlation_id=env.message_id))
+            self._emit(self._report_out(rep, to, key, env.message_id))
+        await self._deliver(pending, rep)
         self.metrics.inc("xsettle_answers_total", outcome="deadline")
-        await self._deliver(pending, rep, late=False)
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000
@@ -950,22 +1092,35 @@ class Node:
                     pass
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
-                    pruned = self.store.prune(now_ms() - self.settings.retention_s * 1000)
+                    async with self.step():
+                        pruned = self.store.prune(now_ms() - self.settings.retention_s * 1000)
                     self._log.debug("store_pruned", rows=pruned)
             except BusError as exc:
                 self._log.warning("sweep_failed", error=str(exc))
             await asyncio.sleep(interval)
 
 
-_OUTPUTS: contextvars.ContextVar[list[_Sent] | None] = contextvars.ContextVar(
+def _acknowledged(worker: _Worker) -> int | None:
+    """Highest offset whose step committed and whose outbox records the broker has all
+    acknowledged (the relay re-sends failed ones itself)."""
+    ready: int | None = None
+    while worker.done:
+        offset, futures = worker.done[0]
+        if not all(f.done() and not f.cancelled() for f in futures):
+            return ready
+        worker.done.popleft()
+        ready = offset
+    return ready
+
+
+_OUTPUTS: contextvars.ContextVar[list[asyncio.Future[None]] | None] = contextvars.ContextVar(
     "xsettle_outputs", default=None
 )
-"""Sends made while one record is processed; its offset waits for their acknowledgement."""
-
-
-class _GaveUp(Exception):
-    """A handler failed after every retry, or with a non-retriable bus error."""
+"""Acknowledgements of the records sent while one record is processed; its offset waits."""
 
 
 FAMILY_OF_NAME: dict[str, str] = {m.avro_name: f for m, f in FAMILY_OF.items()}
 """Topic family by full Avro name."""
+
+REPLY_OF_NAME: dict[str, type[Message]] = {m.avro_name: r for m, r in REPLY_OF.items()}
+"""The reply type paired with each request type, by the request's full Avro name."""

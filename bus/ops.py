@@ -29,20 +29,11 @@ from bus.constants import (
     FAMILY_DLQ,
     FAMILY_ERROR,
     H_CORRELATION_ID,
-    H_DLQ_DETECTED_AT,
-    H_DLQ_ERROR,
-    H_DLQ_ERROR_KIND,
-    H_DLQ_GROUP,
-    H_DLQ_OFFSET,
-    H_DLQ_PARTITION,
-    H_DLQ_REPLAYED_AT,
-    H_DLQ_TIMESTAMP,
-    H_DLQ_TOPIC,
-    H_MESSAGE_ID,
     H_SOURCE,
     TOPIC_RE,
     topic,
 )
+from bus.deadletter import parse_dead_letter, replay_marker
 from bus.envelope import Envelope, header_dict, now_ms
 from bus.errors import DecodeError
 from bus.logs import ID_KEYS, NAME_KEYS, mask_id, mask_name, mask_text
@@ -410,15 +401,6 @@ class ErrorAggregate:
 
 
 # --- dead letters ----------------------------------------------------------------------------
-def _int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One record of an ``xsettle.dlq.<P>`` topic: a record P could not decode."""
@@ -457,6 +439,8 @@ class DeadLetter:
     """Original headers plus the diagnostic ones."""
     replayed_at_ms: int | None = None
     """When it was last replayed (from a replay marker), else None."""
+    replayable: bool = True
+    """False when the letter holds only a digest or the coordinates of the original."""
 
     @property
     def coordinates(self) -> str:
@@ -544,28 +528,29 @@ class ReplayMarker:
 
 
 def parse_dlq_record(rec: Record) -> DeadLetter | ReplayMarker:
-    """A DLQ record as a dead letter, or as a replay marker."""
-    h = header_dict(rec.headers)
-    replay_of = h.get(H_DLQ_REPLAY_OF)
-    if replay_of is not None and H_DLQ_REPLAYED_AT in h:
-        return ReplayMarker(replay_of, _int(h[H_DLQ_REPLAYED_AT]) or rec.timestamp_ms)
+    """A DLQ record as a dead letter, or as a replay marker (format: :mod:`bus.deadletter`)."""
+    info = parse_dead_letter(rec.headers)
+    if info.is_replay_marker:
+        assert info.replay_of is not None
+        return ReplayMarker(info.replay_of, info.replayed_at_ms or rec.timestamp_ms)
     return DeadLetter(
         topic=rec.topic,
         partition=rec.partition,
         offset=rec.offset,
         timestamp_ms=rec.timestamp_ms,
-        original_topic=h.get(H_DLQ_TOPIC),
-        original_partition=_int(h.get(H_DLQ_PARTITION)),
-        original_offset=_int(h.get(H_DLQ_OFFSET)),
-        original_timestamp_ms=_int(h.get(H_DLQ_TIMESTAMP)),
-        error_kind=h.get(H_DLQ_ERROR_KIND),
-        error=h.get(H_DLQ_ERROR),
-        consumer_group=h.get(H_DLQ_GROUP),
-        detected_at_ms=_int(h.get(H_DLQ_DETECTED_AT)),
-        message_id=h.get(H_MESSAGE_ID),
+        original_topic=info.original_topic,
+        original_partition=info.original_partition,
+        original_offset=info.original_offset,
+        original_timestamp_ms=info.original_timestamp_ms,
+        error_kind=info.error_kind,
+        error=info.error,
+        consumer_group=info.consumer_group,
+        detected_at_ms=info.detected_at_ms,
+        message_id=info.message_id,
         key=rec.key,
         value=rec.value or b"",
         headers=rec.headers,
+        replayable=info.replayable,
     )
 
 
@@ -637,16 +622,8 @@ async def list_dead_letters(
 
 def replay_marker_headers(letter: DeadLetter, at_ms: int) -> Headers:
     """Headers of the marker saying ``letter`` was replayed at ``at_ms``."""
-    pairs = [
-        (H_DLQ_REPLAY_OF, letter.coordinates),
-        (H_DLQ_REPLAYED_AT, str(at_ms)),
-        (H_DLQ_TOPIC, letter.original_topic or ""),
-        (H_DLQ_PARTITION, str(letter.original_partition)),
-        (H_DLQ_OFFSET, str(letter.original_offset)),
-    ]
-    if letter.message_id is not None:
-        pairs.append((H_MESSAGE_ID, letter.message_id))
-    return tuple((k, v.encode("utf-8")) for k, v in pairs)
+    info = parse_dead_letter(letter.headers)
+    return replay_marker(letter.topic, letter.partition, letter.offset, info, at_ms).headers
 
 
 async def replay(settings: BusSettings, bootstrap: str, letters: Iterable[DeadLetter]) -> int:
@@ -658,8 +635,10 @@ async def replay(settings: BusSettings, bootstrap: str, letters: Iterable[DeadLe
     count = 0
     try:
         for letter in letters:
-            if letter.original_topic is None:
-                log.warning("replay_skipped_no_origin", letter=letter.coordinates)
+            if letter.original_topic is None or not letter.replayable:
+                # No origin, or a letter that holds only a digest or coordinates (an oversized
+                # or unparsable record): there is nothing to send again.
+                log.warning("replay_skipped_not_a_copy", letter=letter.coordinates)
                 continue
             await producer.send_and_wait(
                 letter.original_topic, letter.key, letter.value, letter.original_headers()

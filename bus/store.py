@@ -1,35 +1,34 @@
-"""Durable state of a province node: requests waiting for an answer, and messages processed
-with the answer that was sent for them.
+"""Durable state of a province node: the outbox, requests waiting for an answer, and
+messages processed with the answer that was sent for them.
 
-The store is a small Protocol so that a shared database can replace the embedded default, a
-local SQLite file (write-ahead log; a process crash loses no committed row). State is bounded:
-finished entries are pruned after a retention period.
+The store is a small Protocol so that a shared database (PostgreSQL) can replace the embedded
+default, the province's SQLite file (:mod:`bus.db`). Every write happens inside a *step*, the
+one transaction in which the back office's state changes too; records that must leave are
+rows of the outbox written by that same step and sent by :mod:`bus.outbox` after it commits.
+State is bounded: finished entries are pruned after a retention period.
 
-Pending states: ``pending`` (sent, waiting) → ``answered`` (answer stored, not yet handed to
-the caller) → ``delivered``; or ``pending`` → ``expiring`` (deadline passed, caller not
-yet told) → ``expired`` → ``late`` (an answer came after all). ``answered`` and
-``expiring`` rows are handed to the caller again after a crash.
+Pending states: ``pending`` (sent, waiting) → ``delivered`` (the answer and the caller's
+handling of it committed in one step); ``pending`` → ``answered`` (answer stored, the
+caller failed on it: handed to it again at the next start) → ``delivered``; ``pending`` →
+``expired`` (deadline passed, reported and handled in one step) → ``late`` (an answer came
+after all).
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 import struct
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bus.errors import StoreError
+from bus.db import Database, Step
 from bus.transport import Headers
 
 PENDING = "pending"
 ANSWERED = "answered"
 DELIVERED = "delivered"
-EXPIRING = "expiring"
 EXPIRED = "expired"
 LATE = "late"
 
@@ -83,33 +82,66 @@ class Processed:
 
 
 class Store(Protocol):
-    """Durable pending requests and processed messages of one province node."""
+    """Durable state of one province node: steps (transactions), the outbox, pending
+    requests and processed messages. Every method must be called inside a step of
+    :meth:`step` when it writes (the node does so); reads work anywhere."""
+
+    def step(self) -> AbstractAsyncContextManager[Step]:
+        """One transaction over the bus's and the back office's state (see :mod:`bus.db`)."""
+
+    def current(self) -> Step | None:
+        """The step the running task is inside, or None."""
+
+    def add_outbox(self, record: OutRecord) -> int:
+        """Queue a record to be sent once the running step commits; returns its row id."""
+
+    def outbox(self, limit: int, after_id: int = 0) -> list[tuple[int, OutRecord]]:
+        """Queued records not yet acknowledged by the broker, oldest first, from row
+        ``after_id`` on."""
+
+    def outbox_sent(self, ids: Sequence[int]) -> None:
+        """The broker acknowledged these rows: remove them."""
+
+    def outbox_size(self) -> int:
+        """How many records wait in the outbox."""
+
+    def outbox_replace(self, row_id: int, record: OutRecord) -> None:
+        """Store the record as it is sent again (its new ``xs-attempt``)."""
 
     def add_pending(self, request: PendingRequest) -> None:
-        """Record a request before it is sent."""
+        """Record a request (in the step that queues it)."""
 
     def get_pending(self, message_id: str) -> PendingRequest | None:
         """The request with this id, in any state."""
 
     def record_answer(
-        self, message_id: str, answer: OutRecord, at_ms: int, *, answer_id: str, answer_type: str
+        self,
+        message_id: str,
+        answer: OutRecord,
+        at_ms: int,
+        *,
+        answer_id: str,
+        answer_type: str,
+        delivered: bool,
     ) -> tuple[str | None, PendingRequest | None]:
         """Store an answer to request ``message_id`` and mark the answer record ``answer_id``
-        processed, in one transaction; return (state before, the request) — (None, None)
-        for an id nobody sent.
+        processed; return (state before, the request) — (None, None) for an id nobody sent.
 
-        ``pending`` → ``answered``; ``expiring``/``expired`` → ``late``; other states stay.
+        ``pending`` → ``delivered`` (or ``answered`` when the caller could not be given it
+        yet: ``delivered=False``); ``expired`` → ``late``; other states stay.
         """
 
     def mark_delivered(self, message_id: str) -> None:
-        """The caller has been given the answer (``answered`` → ``delivered``) or the
-        deadline report (``expiring`` → ``expired``)."""
+        """The caller has been given a stored answer (``answered`` → ``delivered``)."""
+
+    def mark_expired(self, message_id: str) -> bool:
+        """``pending`` → ``expired``; False if the request was no longer pending."""
 
     def undelivered(self) -> list[PendingRequest]:
-        """Answers and deadline reports not yet handed to the caller (after a crash)."""
+        """Answers stored but not yet handed to the caller (after a crash)."""
 
-    def expire_due(self, now_ms: int, limit: int) -> list[PendingRequest]:
-        """Move up to ``limit`` overdue pending requests to ``expiring`` and return them."""
+    def due(self, now_ms: int, limit: int) -> list[PendingRequest]:
+        """Up to ``limit`` pending requests whose deadline has passed, oldest first."""
 
     def bump_attempt(self, message_id: str, record: OutRecord) -> None:
         """Record a re-send: the new record as sent, attempt + 1."""
@@ -131,12 +163,8 @@ class Store(Protocol):
     def prune(self, before_ms: int) -> int:
         """Delete finished entries older than ``before_ms``; return how many."""
 
-    async def sync(self) -> None:
-        """Make every operation so far durable (operations are atomic at once, durable
-        after the next sync; concurrent callers may share one commit)."""
-
     def close(self) -> None:
-        """Make everything durable and release the store."""
+        """Release the store."""
 
 
 _SCHEMA = """
@@ -169,6 +197,13 @@ CREATE TABLE IF NOT EXISTS processed (
     processed_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS processed_age ON processed (processed_at_ms);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    key BLOB,
+    value BLOB NOT NULL,
+    headers BLOB NOT NULL
+);
 """
 
 _PENDING_COLUMNS = (
@@ -228,96 +263,64 @@ def _b(value: Any) -> bytes | None:
 
 
 class SqliteStore:
-    """The embedded default :class:`Store`: one SQLite file per province node.
+    """The embedded default :class:`Store`: the bus's tables in the province's SQLite file
+    (:class:`bus.db.Database`), which the back office shares so one step covers both."""
 
-    Write-ahead logging with ``synchronous=NORMAL``: a committed row survives a process
-    crash (the case the bus guards against); only a power loss can drop the newest commits.
-    Operations are short and synchronous, each atomic (a savepoint); they become durable at
-    :meth:`sync`, which commits once for everything written in the same event-loop turn.
-    The node syncs before anything leaves that depends on the state: a request before it is
-    sent, an answer before it is sent, and every Kafka offset commit.
-    """
+    def __init__(self, db: Database | Path | str) -> None:
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.path = self.db.path
+        self.db.migrate(_SCHEMA)
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
-        self._lock = threading.RLock()
-        self._pending_commit: asyncio.Future[None] | None = None
-        self._closed = False
+    def step(self) -> AbstractAsyncContextManager[Step]:
+        return self.db.step()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
-        """One operation: a savepoint inside the shared open transaction (group commit).
-
-        The operation is atomic; it becomes durable at the next :meth:`sync`.
-        """
-        with self._lock:
-            cur = self._db.cursor()
-            try:
-                if not self._db.in_transaction:
-                    cur.execute("BEGIN")  # one connection per node: no writer to race
-                cur.execute("SAVEPOINT op")
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
-            try:
-                yield cur
-                cur.execute("RELEASE op")
-            except BaseException as exc:
-                cur.execute("ROLLBACK TO op")
-                cur.execute("RELEASE op")
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"store {self.path}: {exc}") from exc
-                raise
-
-    def commit(self) -> None:
-        """Make every operation so far durable now."""
-        with self._lock:
-            if self._db.in_transaction:
-                try:
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    raise StoreError(f"store {self.path}: commit failed: {exc}") from exc
-
-    async def sync(self) -> None:
-        """Make every operation so far durable. Callers in the same event-loop turn share
-        one commit (group commit): that is what lets the bus commit once per batch
-        instead of once per message."""
-        if not self._db.in_transaction:
-            return
-        if self._pending_commit is None:
-            loop = asyncio.get_running_loop()
-            self._pending_commit = loop.create_future()
-            loop.call_soon(self._commit_soon)
-        await asyncio.shield(self._pending_commit)
-
-    def _commit_soon(self) -> None:
-        fut, self._pending_commit = self._pending_commit, None
-        assert fut is not None
-        try:
-            self.commit()
-        except StoreError as exc:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(None)
+    def current(self) -> Step | None:
+        return self.db.current()
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
+        return self.db.query(sql, args)
 
+    # --- outbox ---------------------------------------------------------------------------
+    def add_outbox(self, record: OutRecord) -> int:
+        with self.db.write() as cur:
+            cur.execute(
+                "INSERT INTO outbox (topic, key, value, headers) VALUES (?,?,?,?)",
+                (record.topic, record.key, record.value, _dump_headers(record.headers)),
+            )
+            row_id = cur.lastrowid
+        assert row_id is not None
+        return int(row_id)
+
+    def outbox(self, limit: int, after_id: int = 0) -> list[tuple[int, OutRecord]]:
+        rows = self._query(
+            "SELECT id, topic, key, value, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
+        return [
+            (int(i), OutRecord(str(t), _b(k), bytes(v), _load_headers(bytes(h))))
+            for i, t, k, v, h in rows
+        ]
+
+    def outbox_sent(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.db.write() as cur:
+            cur.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    def outbox_size(self) -> int:
+        return int(self._query("SELECT count(*) FROM outbox")[0][0])
+
+    def outbox_replace(self, row_id: int, record: OutRecord) -> None:
+        with self.db.write() as cur:
+            cur.execute(
+                "UPDATE outbox SET headers = ? WHERE id = ?",
+                (_dump_headers(record.headers), row_id),
+            )
+
+    # --- pending requests -----------------------------------------------------------------
     def add_pending(self, request: PendingRequest) -> None:
         r = request.record
-        with self._tx() as cur:
+        with self.db.write() as cur:
             cur.execute(
                 f"INSERT OR IGNORE INTO pending ({_PENDING_COLUMNS}) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
@@ -333,9 +336,16 @@ class SqliteStore:
         return _row_to_pending(rows[0]) if rows else None
 
     def record_answer(
-        self, message_id: str, answer: OutRecord, at_ms: int, *, answer_id: str, answer_type: str
+        self,
+        message_id: str,
+        answer: OutRecord,
+        at_ms: int,
+        *,
+        answer_id: str,
+        answer_type: str,
+        delivered: bool,
     ) -> tuple[str | None, PendingRequest | None]:
-        with self._tx() as cur:
+        with self.db.write() as cur:
             cur.execute(
                 "INSERT OR REPLACE INTO processed VALUES (?,?,NULL,NULL,NULL,NULL,?)",
                 (answer_id, answer_type, at_ms),
@@ -346,7 +356,7 @@ class SqliteStore:
             if row is None:
                 return None, None
             request = _row_to_pending(row)
-            new = {PENDING: ANSWERED, EXPIRING: LATE, EXPIRED: LATE}.get(request.state)
+            new = {PENDING: DELIVERED if delivered else ANSWERED, EXPIRED: LATE}.get(request.state)
             if new is not None:
                 cur.execute(
                     "UPDATE pending SET state = ?, answer_topic = ?, answer_key = ?, "
@@ -358,35 +368,37 @@ class SqliteStore:
             return request.state, request
 
     def mark_delivered(self, message_id: str) -> None:
-        with self._tx() as cur:
+        with self.db.write() as cur:
             cur.execute(
-                "UPDATE pending SET state = CASE state WHEN ? THEN ? ELSE ? END "
-                "WHERE message_id = ? AND state IN (?, ?)",
-                (ANSWERED, DELIVERED, EXPIRED, message_id, ANSWERED, EXPIRING),
+                "UPDATE pending SET state = ? WHERE message_id = ? AND state = ?",
+                (DELIVERED, message_id, ANSWERED),
             )
+
+    def mark_expired(self, message_id: str) -> bool:
+        with self.db.write() as cur:
+            changed = cur.execute(
+                "UPDATE pending SET state = ? WHERE message_id = ? AND state = ?",
+                (EXPIRED, message_id, PENDING),
+            ).rowcount
+        return bool(changed)
 
     def undelivered(self) -> list[PendingRequest]:
         rows = self._query(
-            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state IN (?, ?) ORDER BY deadline_ms",
-            (ANSWERED, EXPIRING),
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? ORDER BY deadline_ms",
+            (ANSWERED,),
         )
         return [_row_to_pending(r) for r in rows]
 
-    def expire_due(self, now_ms: int, limit: int) -> list[PendingRequest]:
-        with self._tx() as cur:
-            rows = cur.execute(
-                f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? AND deadline_ms <= ? "
-                "ORDER BY deadline_ms LIMIT ?",
-                (PENDING, now_ms, limit),
-            ).fetchall()
-            cur.executemany(
-                "UPDATE pending SET state = ? WHERE message_id = ?",
-                [(EXPIRING, r[0]) for r in rows],
-            )
+    def due(self, now_ms: int, limit: int) -> list[PendingRequest]:
+        rows = self._query(
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? AND deadline_ms <= ? "
+            "ORDER BY deadline_ms LIMIT ?",
+            (PENDING, now_ms, limit),
+        )
         return [_row_to_pending(r) for r in rows]
 
     def bump_attempt(self, message_id: str, record: OutRecord) -> None:
-        with self._tx() as cur:
+        with self.db.write() as cur:
             cur.execute(
                 "UPDATE pending SET attempt = attempt + 1, headers = ? WHERE message_id = ?",
                 (_dump_headers(record.headers), message_id),
@@ -403,6 +415,7 @@ class SqliteStore:
         rows = self._query("SELECT count(*) FROM pending WHERE state = ?", (state,))
         return int(rows[0][0])
 
+    # --- processed messages -----------------------------------------------------------------
     def processed(self, message_id: str) -> Processed | None:
         rows = self._query(
             "SELECT answer_topic, answer_key, answer_value, answer_headers FROM processed "
@@ -421,7 +434,7 @@ class SqliteStore:
     def mark_processed(
         self, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int
     ) -> None:
-        with self._tx() as cur:
+        with self.db.write() as cur:
             cur.execute(
                 "INSERT OR REPLACE INTO processed VALUES (?,?,?,?,?,?,?)",
                 (
@@ -436,24 +449,16 @@ class SqliteStore:
             )
 
     def prune(self, before_ms: int) -> int:
-        with self._tx() as cur:
+        with self.db.write() as cur:
             a = cur.execute(
-                "DELETE FROM pending WHERE state IN (?, ?) AND COALESCE(answered_at_ms, "
+                "DELETE FROM pending WHERE state IN (?, ?, ?) AND COALESCE(answered_at_ms, "
                 "deadline_ms) < ?",
-                (DELIVERED, LATE, before_ms),
+                (DELIVERED, LATE, EXPIRED, before_ms),
             ).rowcount
             b = cur.execute(
                 "DELETE FROM processed WHERE processed_at_ms < ?", (before_ms,)
             ).rowcount
-            c = cur.execute(
-                "DELETE FROM pending WHERE state = ? AND deadline_ms < ?", (EXPIRED, before_ms)
-            ).rowcount
-        return int(a) + int(b) + int(c)
+        return int(a) + int(b)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self.commit()
-        with self._lock:
-            self._db.close()
-            self._closed = True
+        self.db.close()

@@ -23,6 +23,8 @@ SUBCOMMAND_MODULES = (
     "simulators.demo",
     "simulators.bench",
     "simulators.cli_ops",
+    "simulators.chaos",
+    "simulators.fuzz",
 )
 """Modules that add their own subcommands with ``register(subparsers)`` when present."""
 

@@ -230,17 +230,18 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _stores(state_dir: Path, province: str | None) -> dict[str, Store] | None:
-    files = (
-        [state_dir / f"bus-{province}.sqlite3"]
-        if province
-        else sorted(state_dir.glob("bus-*.sqlite3"))
-    )
-    missing = [f for f in files if not f.is_file()]
-    if missing or not files:
-        where = missing[0] if missing else state_dir / "bus-*.sqlite3"
-        print(f"xsettle ops pending: no node store at {where}", file=sys.stderr)
+    """The stores in a state folder: a province's database (``province-P.sqlite3``), or a
+    bare node's (``bus-P.sqlite3``)."""
+    pattern = f"*-{province}.sqlite3" if province else "*-*.sqlite3"
+    files = {
+        f.stem.split("-", 1)[1]: f
+        for f in sorted(state_dir.glob(pattern))
+        if f.stem.split("-", 1)[0] in ("province", "bus")
+    }
+    if not files:
+        print(f"xsettle ops pending: no node store at {state_dir / pattern}", file=sys.stderr)
         return None
-    return {f.stem.removeprefix("bus-"): SqliteStore(f) for f in files}
+    return {p: SqliteStore(f) for p, f in files.items()}
 
 
 async def cmd_pending(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import random
@@ -17,9 +18,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -38,6 +40,8 @@ from simulators.population import make_bill, make_filing, make_person, make_visi
 from simulators.scenario import Scenario
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 DAY = dt.datetime(2026, 5, 8, 8, 0, tzinfo=dt.UTC)
 """The simulated day; filings are valid before it."""
@@ -74,6 +78,10 @@ EXPECTED = {
 ADMISSION_FAULTS = ("unfiled", "revoked", "not_designated", "not_allowed")
 
 
+class ProvinceFailed(RuntimeError):
+    """A province's worker died of an unexpected error (its process must exit non-zero)."""
+
+
 class Simulation:
     """Synthetic provinces on one broker, and the facts of what happened."""
 
@@ -102,7 +110,6 @@ class Simulation:
                 bootstrap=bootstrap,
                 directory=directory,
                 state_dir=state_dir,
-                review_delay_s=scenario.review_delay_s,
                 instant_deadline_s=scenario.instant_deadline_s,
             )
             for p in provinces
@@ -114,6 +121,25 @@ class Simulation:
         self._silent_back.set()
 
     # --- lifecycle ------------------------------------------------------------------------
+    async def guarded(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` while watching every province's workers: one that died makes this
+        raise :class:`ProvinceFailed` at once, instead of waiting on a province that stopped
+        consuming."""
+        work = asyncio.ensure_future(coro)
+        watchers = [asyncio.ensure_future(s.node.failed.wait()) for s in self.systems.values()]
+        try:
+            await asyncio.wait([work, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in watchers:
+                w.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        dead = next(s for s in self.systems.values() if s.node.failure is not None)
+        raise ProvinceFailed(f"province {dead.province} stopped: {dead.node.failure!r}")
+
     async def start(self) -> None:
         """Start every province's node and wait for its inbox assignment."""
         await asyncio.gather(*(s.start() for s in self.systems.values()))
@@ -145,10 +171,12 @@ class Simulation:
             for _ in range(per_agreement):
                 sequence += 1
                 person = make_person(self.rng, a.home, sequence)
-                home.backoffice.add_person(person)
                 filing = make_filing(self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3))
-                uploads.append((home, filing))
                 people.append(person)
+                if home.backoffice.filings_of(person.person_id):
+                    continue  # filed before a restart: resume, don't replay
+                home.backoffice.add_person(person)
+                uploads.append((home, filing))
             filed[a] = people
         await asyncio.gather(*(home.home.file(f) for home, f in uploads))
         await self._wait_registered([(self.systems[f.host_region[:2] + "0000"], f.person_id)
@@ -245,6 +273,8 @@ class Simulation:
             if v.host == self.scenario.faults.silent_home:
                 await self._silent_back.wait()
             host = self.systems[v.host]
+            if host.backoffice.claim(v.claim_id) is not None:
+                return  # submitted before a restart: resume, don't replay
             admitted = DAY + dt.timedelta(minutes=v.index)
             try:
                 admission = await host.host.admit(
@@ -487,7 +517,7 @@ async def run_demo(
             if console_port is not None:
                 console = await start_console(sim, effective, bootstrap, console_port)
             try:
-                facts = await sim.run()
+                facts = await sim.guarded(sim.run())
                 checks = check_invariants(facts)
                 report = build_report(facts, checks, _meta(scenario, bootstrap))
                 if console is not None and hold_s > 0:
@@ -531,13 +561,17 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}",
             file=sys.stderr,
         )
-    report = await run_demo(
-        scenario,
-        settings_from(args),
-        progress=not args.quiet,
-        console_port=args.console,
-        hold_s=args.hold,
-    )
+    try:
+        report = await run_demo(
+            scenario,
+            settings_from(args),
+            progress=not args.quiet,
+            console_port=args.console,
+            hold_s=args.hold,
+        )
+    except ProvinceFailed as exc:
+        print(f"xsettle demo: {exc}", file=sys.stderr)
+        return 1
     if not (args.console is not None and args.hold > 0):
         print(render(report))
     write_report(report, Path(args.json))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +26,18 @@ from adapters.host import AdmissionRefused
 from bus.broker import create_contract_topics
 from bus.models import FilingAction
 from bus.transport import wait_for_metadata
-from simulators.demo import DAY, Simulation, start_console, write_report
+from simulators.demo import DAY, ProvinceFailed, Simulation, start_console, write_report
 from simulators.invariants import build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
 
 log = structlog.get_logger(__name__)
+
+
+def foreign_claim_id(host: str, person_id: str) -> str:
+    """The claim id of a foreign-filed person's visit: stable across restarts (one visit per
+    person), and no digit of the ID number in it."""
+    return f"C-{host}-X{hashlib.sha256(person_id.encode()).hexdigest()[:12].upper()}"
 
 
 class Peer(Simulation):
@@ -48,10 +56,12 @@ class Peer(Simulation):
                 for _ in range(per_agreement):
                     sequence += 1
                     person = make_person(self.rng, a.home, 500_000 + sequence)
-                    system.backoffice.add_person(person)
                     filing = make_filing(
                         self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3)
                     )
+                    if system.backoffice.filings_of(person.person_id):
+                        continue  # filed before a restart: resume, don't replay
+                    system.backoffice.add_person(person)
                     await system.home.file(filing)
                     sent += 1
         return sent
@@ -66,12 +76,19 @@ class Peer(Simulation):
                 break
             await asyncio.sleep(0.5)
         submitted = 0
-        for i, (host, person_id, home_region) in enumerate(seen[:visits]):
+        served = {
+            c.claim.person_id
+            for p in self.provinces
+            for c in self.systems[p].backoffice.claims()
+            if c.claim.claim_id.startswith(f"C-{p}-X")
+        }
+        todo = [f for f in seen if f[1] not in served][: max(0, visits - len(served))]
+        for i, (host, person_id, home_region) in enumerate(todo):
             system = self.systems[host]
             allowed = self.directory.allowed_hospitals(home_region, host)
             if not allowed:
                 continue
-            rng = random.Random(self.scenario.seed + 77 * i)
+            rng = random.Random(f"{self.scenario.seed}-{person_id}")
             hospital = rng.choice(allowed).code
             admitted = DAY + dt.timedelta(hours=1, minutes=i)
             try:
@@ -87,7 +104,7 @@ class Peer(Simulation):
                 visit_type=visit_type,
                 diagnoses=diagnoses,
                 discharged_at=admitted + dt.timedelta(days=days),
-                claim_id=f"C-{host}-X{i:05d}",
+                claim_id=foreign_claim_id(host, person_id),
             )
             await system.host.submit(claim)
             submitted += 1
@@ -131,24 +148,31 @@ async def run_peer(
         ),
     )  # fmt: skip
     state = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="xsettle-"))
+    resumed = [p for p in provinces if (state / f"province-{p}.sqlite3").exists()]
     peer = Peer(directory, scenario, settings, settings.bootstrap, provinces, state, progress=False)
     await peer.start()
     print(
         f"listening: {', '.join(n.node.inbox[0].rsplit('.', 1)[1] for n in peer.systems.values())}"
-        f" on {settings.bootstrap}; state in {state}",
+        f" on {settings.bootstrap}; state in {state}"
+        + (f" (resuming {', '.join(resumed)})" if resumed else ""),
         flush=True,
     )
     console = None
     if args.console is not None:
         console = await start_console(peer, settings, settings.bootstrap, args.console)
     began = time.monotonic()
-    try:
+
+    async def day() -> tuple[int, int]:
         filed = await peer.file_own(args.filings)
         if own_day and len(peer.agreements()) > 0:
             await peer.run()
         served = await peer.serve_foreign(args.visits, args.wait)
         await peer.wait_closed(args.timeout)
         await asyncio.sleep(args.linger)  # answer what the other side still sends us
+        return filed, served
+
+    try:
+        filed, served = await peer.guarded(day())
         facts = await peer.facts()
         facts.duration_s = time.monotonic() - began
     finally:
@@ -186,7 +210,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 async def cmd_province(args: argparse.Namespace) -> int:
     """``xsettle province <code>``."""
     args.claims = 1
-    report = await run_peer(args, [args.code], own_day=False)
+    try:
+        report = await run_peer(args, [args.code], own_day=False)
+    except ProvinceFailed as exc:
+        print(f"xsettle province: {exc}", file=sys.stderr)
+        return 1
     print(render(report))
     if args.json:
         write_report(report, Path(args.json))
@@ -197,7 +225,11 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     """``xsettle simulate --except <code>``."""
     directory = Directory.load(args.directory) if args.directory else Directory.default()
     provinces = [p for p in directory.provinces() if p not in args.excluded]
-    report = await run_peer(args, provinces, own_day=args.claims > 0)
+    try:
+        report = await run_peer(args, provinces, own_day=args.claims > 0)
+    except ProvinceFailed as exc:
+        print(f"xsettle simulate: {exc}", file=sys.stderr)
+        return 1
     print(render(report))
     if args.json:
         write_report(report, Path(args.json))

@@ -48,8 +48,6 @@ class Scenario(BaseModel):
     """Visits in flight at once."""
     instant_deadline_s: float = Field(default=2.0, gt=0)
     """Answer deadline of instant and point-to-point claims."""
-    review_delay_s: float = Field(default=0.02, ge=0)
-    """Stand-in for manual review of delayed claims at the home."""
     settle_timeout_s: float = Field(default=120.0, gt=0)
     """Longest wait for every claim to reach a terminal state."""
     faults: Faults = Faults()

@@ -103,6 +103,7 @@ class DictBackOffice:
         self.filings: dict[str, list[FilingUpload]] = {}
         self.usage: dict[tuple[str, int], YearUsage] = {}
         self.reviews: dict[str, tuple[str, ReviewResult]] = {}
+        self.hosts: dict[str, str] = {}
         self.notices: dict[str, SettlementNotice] = {}
         self.registry: dict[str, FilingUpload] = {}
         self.by_id: dict[str, HostClaim] = {}
@@ -126,6 +127,9 @@ class DictBackOffice:
     def review_of(self, claim_id: str) -> tuple[str, ReviewResult] | None:
         return self.reviews.get(claim_id)
 
+    def reviewed_for(self, claim_id: str) -> str | None:
+        return self.hosts.get(claim_id)
+
     def record_review(
         self,
         claim_id: str,
@@ -134,9 +138,12 @@ class DictBackOffice:
         result: ReviewResult,
         year: int,
         usage: YearUsage,
+        *,
+        host: str,
     ) -> tuple[str, ReviewResult]:
         if claim_id not in self.reviews:
             self.reviews[claim_id] = (request_id, result)
+            self.hosts[claim_id] = host
             self.usage[(person_id, year)] = usage
         return self.reviews[claim_id]
 

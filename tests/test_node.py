@@ -150,9 +150,16 @@ class TestRequestAnswer:
         replies = await read_topic(
             host.bootstrap, host.settings, topic("reply", host_code), expect=2
         )
-        assert len(replies) == 2  # the original answer and its re-send after the crash
+        # The original answer and its re-sends after the crash (from the outbox, if the kill
+        # came before the acknowledged row was removed, and for the redelivered request):
+        # one message id, one review.
+        assert len(replies) >= 2
+        assert len({hdr(r, H_MESSAGE_ID) for r in replies}) == 1
         assert reviewer.calls == ["C-1"]
-        await eventually(lambda: host.metrics.get("xsettle_duplicates_total", family="reply") == 1)
+        dups = len(replies) - 1
+        await eventually(
+            lambda: host.metrics.get("xsettle_duplicates_total", family="reply") == dups
+        )
         assert host.metrics.get("xsettle_answers_total", outcome="ok") == 1
 
     async def test_requester_restart_still_matches_answers(
@@ -167,6 +174,7 @@ class TestRequestAnswer:
         host = await make_node(host_code, state=state_dir)
         await host.wait_ready()
         request_id = await host.request(claim_between(host_code, home_code), deadline_s=60)
+        await eventually(lambda: host.store.outbox_size() == 0)  # it left before the crash
         await host.kill()
         host.store.close()
         home = await make_node(home_code, start=False)
@@ -447,7 +455,7 @@ class TestOrdering:
         for seq in range(25):
             for person in persons:
                 notice = samples.notice().model_copy(update={"personal_paid_fen": seq})
-                sends.append(host.publish(notice, target=home_code, key=person, wait=False))
+                sends.append(host.publish(notice, target=home_code, key=person))
         await asyncio.gather(*sends)
         await eventually(lambda: sum(len(v) for v in seen.values()) == 25 * 12, timeout_s=30)
         assert all(v == list(range(25)) for v in seen.values())
@@ -458,8 +466,8 @@ class TestCrashWindows:
     async def test_deadline_not_lost_when_the_callback_crashes(
         self, make_node: NodeFactory, province_pool: ProvincePool, state_dir: Path
     ) -> None:
-        """A DEADLINE_EXCEEDED whose callback failed (a crash mid-delivery) is handed to the
-        callback again when the node starts next time."""
+        """A DEADLINE_EXCEEDED whose callback failed (a crash mid-step) leaves the request
+        pending, so the node handles the deadline when it starts next time."""
         host_code, home_code = province_pool.take(), province_pool.take()
         first = await make_node(host_code, start=False, state=state_dir)
 
@@ -469,11 +477,10 @@ class TestCrashWindows:
 
         await first.start(consume=False)
         request_id = await first.request(claim_between(host_code, home_code), deadline_s=0.2)
-        await eventually(
-            lambda: first.metrics.get("xsettle_answers_total", outcome="deadline") == 1
-        )
+        await eventually(lambda: first.metrics.get("xsettle_deadline_failures_total") >= 1)
         await first.stop()
         first.store.close()
+        assert first.store is not None
         got: list[Answer] = []
         second = await make_node(host_code, start=False, state=state_dir)
 
@@ -482,5 +489,8 @@ class TestCrashWindows:
             got.append(answer)
 
         await second.start(consume=False)
+        await eventually(lambda: len(got) == 1)
         assert [(a.request_id, a.code) for a in got] == [(request_id, ErrorCode.DEADLINE_EXCEEDED)]
-        assert second.store.undelivered() == []
+        pending = second.store.get_pending(request_id)
+        assert pending is not None
+        assert pending.state == "expired"

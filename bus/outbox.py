@@ -1,0 +1,237 @@
+"""The outbox relay: the only way a record leaves a province node.
+
+A step writes the records it causes into the outbox table in its own transaction
+(:meth:`Store.add_outbox`); once the step committed, :meth:`Relay.dispatch` hands them to the
+producer. A row is removed only after the broker acknowledged it. A send that fails is tried
+again with capped exponential backoff, for ever and loudly (log, metric): never dropped. At
+start, rows a crash left behind are sent again with the same message id and ``xs-attempt`` + 1.
+The futures :meth:`dispatch` returns resolve on the acknowledgement, which is what the
+consumer waits for before committing the offset of the record that caused them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+
+import structlog
+
+from bus.constants import FAMILY_DLQ, TOPIC_RE
+from bus.envelope import Envelope
+from bus.errors import BusError, DecodeError
+from bus.metrics import Metrics
+from bus.store import OutRecord, Store
+from bus.transport import Producer
+
+log = structlog.get_logger(__name__)
+
+FLUSH_INTERVAL_S = 0.05
+"""Acknowledged rows are deleted in one write at most this often (one write per batch)."""
+RESEND_INITIAL_S = 0.1
+"""First wait before a failed send is tried again."""
+RESEND_MAX_S = 10.0
+"""A send that keeps failing is tried at least this often."""
+RESUME_CHUNK = 1_000
+"""Rows read at once when resuming after a crash (bounded memory)."""
+
+
+def family_of_topic(name: str) -> str:
+    """The contract family of a topic name (``?`` for a topic outside the contract)."""
+    parsed = TOPIC_RE.match(name)
+    return parsed.group(1) if parsed else "?"
+
+
+def resent(record: OutRecord) -> OutRecord:
+    """The record sent again: same message id, ``xs-attempt`` + 1. Dead letters are copies
+    of someone else's record and are re-sent unchanged."""
+    if family_of_topic(record.topic) == FAMILY_DLQ:
+        return record
+    try:
+        env = Envelope.from_headers(record.headers)
+    except DecodeError:
+        return record
+    return OutRecord(record.topic, record.key, record.value, env.resent().to_headers())
+
+
+class Relay:
+    """Sends committed outbox rows and forgets them once the broker has them."""
+
+    def __init__(self, store: Store, producer: Producer, metrics: Metrics, province: str) -> None:
+        self._store = store
+        self._producer = producer
+        self._metrics = metrics
+        self._log = log.bind(province=province)
+        self._acked: list[int] = []
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._queue: deque[tuple[int, OutRecord, asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._running = False
+
+    @property
+    def in_flight(self) -> int:
+        """Rows handed to the producer and not yet acknowledged."""
+        return len(self._inflight)
+
+    async def start(self) -> int:
+        """Send again what a crash left in the outbox; start removing acknowledged rows.
+        Returns how many rows were resumed."""
+        if self._running:
+            return 0
+        self._running = True
+        self._sender = asyncio.create_task(self._send_loop(), name="outbox-send")
+        resumed = 0
+        last = 0
+        while True:
+            rows = self._store.outbox(RESUME_CHUNK, after_id=last)
+            if not rows:
+                break
+            again = [(i, resent(r)) for i, r in rows]
+            async with self._store.step():
+                for i, r in again:
+                    self._store.outbox_replace(i, r)
+            self.dispatch(again)
+            resumed += len(again)
+            last = rows[-1][0]
+        if resumed:
+            self._log.warning("outbox_resumed", records=resumed)
+            self._metrics.inc("xsettle_outbox_resumed_total", resumed)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="outbox-flush")
+        return resumed
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for rows in flight, remove the acknowledged ones. Idempotent."""
+        if not self._running:
+            return
+        pending = [f for f in self._inflight.values() if not f.done()]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+        self._running = False
+        for task in [*self._tasks, self._sender]:
+            if task is not None:
+                task.cancel()
+        self._sender = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush()
+
+    def abandon(self) -> None:
+        """Drop everything in memory without touching the store (a simulated crash)."""
+        self._running = False
+        for task in [*self._tasks, self._sender, self._flusher]:
+            if task is not None:
+                task.cancel()
+        for fut in self._inflight.values():
+            fut.cancel()
+        self._inflight.clear()
+        self._queue.clear()
+        self._acked.clear()
+
+    def dispatch(self, rows: Sequence[tuple[int, OutRecord]]) -> list[asyncio.Future[None]]:
+        """Queue committed rows for sending, in commit order (so records about one key keep
+        their order); each future resolves when the broker acknowledged its row."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for row_id, record in rows:
+            done: asyncio.Future[None] = loop.create_future()
+            self._inflight[row_id] = done
+            self._queue.append((row_id, record, done))
+            out.append(done)
+        if rows:
+            self._wake.set()
+        return out
+
+    async def _send_loop(self) -> None:
+        while True:
+            while self._queue:
+                row_id, record, done = self._queue.popleft()
+                await self._send(row_id, record, done, RESEND_INITIAL_S)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _send(
+        self, row_id: int, record: OutRecord, done: asyncio.Future[None], delay: float
+    ) -> None:
+        try:
+            fut = await self._producer.send(record.topic, record.key, record.value, record.headers)
+        except BusError as exc:
+            self._retry_later(row_id, record, done, delay, exc)
+            return
+        fut.add_done_callback(lambda f: self._on_ack(row_id, record, done, delay, f))
+
+    def _on_ack(
+        self,
+        row_id: int,
+        record: OutRecord,
+        done: asyncio.Future[None],
+        delay: float,
+        fut: asyncio.Future[object],
+    ) -> None:
+        if done.done():
+            return
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            self._retry_later(row_id, record, done, delay, exc)
+            return
+        self._metrics.inc("xsettle_messages_out_total", family=family_of_topic(record.topic))
+        self._acked.append(row_id)
+        self._inflight.pop(row_id, None)
+        done.set_result(None)
+
+    def _retry_later(
+        self,
+        row_id: int,
+        record: OutRecord,
+        done: asyncio.Future[None],
+        delay: float,
+        exc: BaseException | None,
+    ) -> None:
+        if not self._running:
+            return  # stays in the outbox: sent again at the next start
+        self._metrics.inc(
+            "xsettle_outbox_send_failures_total", family=family_of_topic(record.topic)
+        )
+        self._log.error(
+            "outbox_send_failed",
+            topic=record.topic,
+            row=row_id,
+            size=len(record.value),
+            retry_in_s=delay,
+            error=repr(exc)[:300],
+        )
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            await self._send(row_id, record, done, min(delay * 2, RESEND_MAX_S))
+
+        task = asyncio.create_task(again(), name=f"outbox-resend-{row_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Remove acknowledged rows now (one write)."""
+        if not self._acked:
+            return
+        ids, self._acked = self._acked, []
+        try:
+            async with self._store.step():
+                self._store.outbox_sent(ids)
+        except BusError:
+            self._acked.extend(ids)  # kept: removed at the next flush, or re-sent after a crash
+            raise
+
+    async def _flush_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.flush()
+            except BusError as exc:
+                self._log.error("outbox_flush_failed", error=str(exc))
