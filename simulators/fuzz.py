@@ -35,6 +35,7 @@ import datetime as dt
 import gc
 import random
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -561,6 +562,9 @@ class FuzzOptions:
     """How many of the records are over the contract's size limit."""
     timeout_s: float = 300.0
     """Bound of the whole run."""
+    separate_process: bool = True
+    """Run the province in its own process, so that its RSS is measured without the
+    harness's bookkeeping (which grows with every record sent; ~1 KB each)."""
 
 
 @dataclass
@@ -694,18 +698,129 @@ class Watcher:
         await self.consumer.stop()
 
 
+class InProcessTarget:
+    """The province under test in this process (fast; RSS includes the harness)."""
+
+    def __init__(self, system: ProvinceSystem) -> None:
+        self.system = system
+        self.directory = system.directory
+
+    async def start(self, timeout_s: float) -> None:
+        await self.system.start()
+        await self.system.node.wait_ready(timeout_s=timeout_s)
+
+    def processed(self, message_id: str) -> bool:
+        return self.system.node.store.processed(message_id) is not None
+
+    async def rss_mb(self) -> float:
+        return rss_mb()
+
+    async def stop(self) -> None:
+        await self.system.stop()
+        self.system.close()
+
+
+class ProcessTarget:
+    """The province under test as a child process (:func:`serve_main`): its RSS is its own.
+    It prints ``ready`` once its inbox is assigned and answers ``rss`` lines on stdin with its
+    RSS after a collection; end of input stops it."""
+
+    def __init__(self, province: str, bootstrap: str, folder: Path) -> None:
+        self.province = province
+        self.bootstrap = bootstrap
+        self.folder = folder
+        self.directory = Directory.default()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._db: Path = folder / f"province-{province}.sqlite3"
+
+    async def start(self, timeout_s: float) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from simulators.fuzz import serve_main; serve_main()",
+            self.province, self.bootstrap, str(self.folder),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        line = await asyncio.wait_for(self._line(), timeout_s)
+        if line != "ready":
+            raise RuntimeError(f"the province process did not start: {line!r}")
+
+    async def _line(self) -> str:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        return (await self._proc.stdout.readline()).decode().strip()
+
+    def processed(self, message_id: str) -> bool:
+        uri = f"{self._db.as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            row = db.execute("SELECT 1 FROM processed WHERE message_id = ?", (message_id,))
+            return row.fetchone() is not None
+
+    async def rss_mb(self) -> float:
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(b"rss\n")
+        await self._proc.stdin.drain()
+        return float((await self._line()).split()[1])
+
+    async def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), 30)
+        except TimeoutError:
+            self._proc.kill()
+            code = await self._proc.wait()
+        self._proc = None
+        if code != 0:
+            raise RuntimeError(f"the province process exited {code}")
+
+
+def serve_main() -> None:
+    """Child of :class:`ProcessTarget`: one province until its stdin closes."""
+    province, bootstrap, folder = sys.argv[1:4]
+    configure(json=False, level="CRITICAL")
+
+    async def serve() -> None:
+        settings = BusSettings.from_env().with_bootstrap(bootstrap, embedded=True)
+        system = ProvinceSystem(
+            province, settings, bootstrap=bootstrap, directory=Directory.default(),
+            state_dir=Path(folder),
+        )  # fmt: skip
+        await system.start()
+        await system.node.wait_ready(60)
+        _say("ready")
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                if line.strip() == "rss":
+                    _say(f"rss {rss_mb():.1f}")
+        finally:
+            await system.stop()
+            system.close()
+
+    asyncio.run(serve())
+
+
 class Fuzz:
     """One run against one province system."""
 
     def __init__(
-        self, options: FuzzOptions, settings: BusSettings, bootstrap: str, system: ProvinceSystem
+        self,
+        options: FuzzOptions,
+        settings: BusSettings,
+        bootstrap: str,
+        target: InProcessTarget | ProcessTarget,
     ) -> None:
         self.options = options
         self.settings = settings
         self.bootstrap = bootstrap
-        self.system = system
+        self.target = target
         self.codec = Codec()
-        self.parties = Parties.choose(system.directory, options.province)
+        self.parties = Parties.choose(target.directory, options.province)
         self.planner = Planner(self.parties, self.codec, options.seed)
         self.producer = Producer(settings, bootstrap, name="fuzz")
         self.watcher = Watcher(settings, bootstrap, self.codec, options.province)
@@ -715,7 +830,7 @@ class Fuzz:
 
     def processed(self, message_id: str) -> bool:
         """True when the node recorded ``message_id`` as processed."""
-        return self.system.node.store.processed(message_id) is not None
+        return self.target.processed(message_id)
 
     def outcome(self, sent: Sent) -> str:
         """The outcome of ``sent`` as far as it is known now."""
@@ -788,9 +903,7 @@ class Fuzz:
         """Warm up, take the memory baseline, send, wait for outcomes, probe, measure."""
         started = time.monotonic()
         deadline = started + self.options.timeout_s
-        node = self.system.node
-        await self.system.start()
-        await node.wait_ready(timeout_s=max(5.0, min(60.0, deadline - time.monotonic())))
+        await self.target.start(max(5.0, min(60.0, deadline - time.monotonic())))
         await self.producer.start()
         await self.watcher.start()
         for family in INBOX_FAMILIES:
@@ -800,7 +913,7 @@ class Fuzz:
             warm = [self.planner.valid(FAMILIES[i % len(FAMILIES)]) for i in range(WARMUP_RECORDS)]
             warm_sent = [replace(s, kind="warmup") for s in await self.send(warm)]
             await self.settle(warm_sent, min(deadline, time.monotonic() + 30), SETTLE_S)
-            rss_before = rss_mb()
+            rss_before = await self.target.rss_mb()
             planned = self.planner.plan(self.options.records, self.options.oversized)
             sent = await self.send(planned)
             del planned
@@ -809,7 +922,7 @@ class Fuzz:
             probes = await self.send(self.probe_records())
             await self.settle(probes, min(deadline, time.monotonic() + PROBE_TIMEOUT_S), 1e9)
             outcomes = [(s, self.outcome(s)) for s in sent]
-            rss_after = rss_mb()
+            rss_after = await self.target.rss_mb()
         finally:
             await self.watcher.stop()
             await self.producer.stop()
@@ -857,23 +970,25 @@ async def run_fuzz(
         folder = state_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         async with _bootstrap(settings, provinces) as bootstrap:
             node_settings = settings.with_bootstrap(bootstrap, embedded=not settings.bootstrap)
-            system = ProvinceSystem(
-                options.province,
-                node_settings,
-                bootstrap=bootstrap,
-                directory=directory,
-                state_dir=folder,
-            )
+            target: InProcessTarget | ProcessTarget
+            if options.separate_process and directory == Directory.default():
+                target = ProcessTarget(options.province, bootstrap, folder)
+            else:
+                target = InProcessTarget(
+                    ProvinceSystem(
+                        options.province, node_settings, bootstrap=bootstrap,
+                        directory=directory, state_dir=folder,
+                    )
+                )  # fmt: skip
             stop_error: str | None = None
             try:
-                result = await Fuzz(options, node_settings, bootstrap, system).run()
+                result = await Fuzz(options, node_settings, bootstrap, target).run()
             finally:
                 try:
-                    await system.stop()
+                    await target.stop()
                 except Exception as exc:  # a worker that died re-raises here; report it
                     stop_error = f"the node failed to stop: {exc!r}"[:500]
                     log.error("fuzz_node_stop_failed", error=repr(exc))
-                system.close()
             if stop_error is not None:
                 result.notes.append(stop_error)
             return result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -215,3 +217,23 @@ class TestSmallRun:
         """No record is silent and every inbox partition still answers."""
         assert small_run.count(SILENT) == 0
         assert small_run.dead_partitions == []
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_the_command_runs_the_province_in_its_own_process() -> None:
+    """``xsettle fuzz`` on its own embedded broker, with the province as a child process
+    (its RSS measured alone): every record has an outcome, none silent, exit 0."""
+    cmd = [sys.executable, "-c", "from simulators.cli import main; raise SystemExit(main())"]
+    done = subprocess.run(
+        [*cmd, "fuzz", "--records", "150", "--oversized", "1", "--seed", "4", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert lines[-1].startswith("150 records:")
+    assert lines[-1].endswith(", 0 silent")
+    assert any(line.startswith("RSS after warm-up") for line in lines)
