@@ -29,9 +29,9 @@ from bus.models import (
     ReviewResult,
     SettlementNotice,
 )
-from bus.node import Answer, Context, Node
+from bus.node import DEFER, Answer, Context, Deferred, Node
 from bus.settings import BusSettings
-from bus.store import SqliteStore, Store
+from bus.store import Obligation, SqliteStore, Store
 
 __all__ = [
     # Clients
@@ -41,6 +41,8 @@ __all__ = [
     "Node",
     "Context",
     "Answer",
+    "DEFER",
+    "Deferred",
     # Errors
     "BusError",
     "DecodeError",
@@ -55,6 +57,7 @@ __all__ = [
     "Envelope",
     "Store",
     "SqliteStore",
+    "Obligation",
     "ClaimItem",
     "ClaimPackage",
     "ErrorCode",

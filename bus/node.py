@@ -34,6 +34,11 @@ reply/ErrorReport for a pending request        handled by the caller's callback 
 reply from another province than the one       ``INVALID_MESSAGE`` to the replier and to ops;
 asked, of a family not paired with the         the request stays open
 request, or about another claim/filing
+handler returns :data:`DEFER`                   the obligation stored in the record's step,
+                                               the partition freed; :meth:`Node.answer` later
+                                               sends the one answer (a second call sends
+                                               nothing); a redelivery while open sends
+                                               nothing, after: the stored answer
 reply for a request already answered           ignored, logged
 reply matching no request                      ``ORPHAN_REPLY`` to the replier's error topic
 answer after the deadline                      delivered as a *late* answer, not terminal
@@ -112,7 +117,16 @@ from bus.models import (
 )
 from bus.outbox import Relay, family_of_topic
 from bus.settings import BusSettings
-from bus.store import EXPIRED, PENDING, OutRecord, PendingRequest, SqliteStore, Store
+from bus.store import (
+    EXPIRED,
+    OPEN,
+    PENDING,
+    Obligation,
+    OutRecord,
+    PendingRequest,
+    SqliteStore,
+    Store,
+)
 from bus.transport import Consumer, Partition, Producer, Record
 
 log = structlog.get_logger(__name__)
@@ -178,7 +192,20 @@ class Answer:
         return self.message.code if isinstance(self.message, ErrorReport) else None
 
 
-Handler = Callable[[Any, Context], Awaitable[Message | None]]
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """What a request's handler returns to accept the request and answer it later with
+    :meth:`Node.answer` (a review that takes days): the obligation is stored in the record's
+    step, the offset committed and the partition freed at once."""
+
+    note: str = ""
+    """Why the answer waits (logged)."""
+
+
+DEFER = Deferred()
+"""The plain :class:`Deferred`."""
+
+Handler = Callable[[Any, Context], Awaitable[Message | Deferred | None]]
 AnswerCallback = Callable[[Answer], Awaitable[None]]
 
 
@@ -260,6 +287,9 @@ class Node:
         self.metrics.gauge("xsettle_pending_requests", lambda: float(self.store.count(PENDING)))
         self.metrics.gauge("xsettle_outbox_records", lambda: float(self.store.outbox_size()))
         self.metrics.gauge("xsettle_stalled_partitions", lambda: float(len(self.stalled())))
+        self.metrics.gauge(
+            "xsettle_open_obligations", lambda: float(self.store.count_obligations(OPEN))
+        )
         self.failure: BaseException | None = None
         """The unexpected error that stopped a worker; the process must exit non-zero."""
         self.failed = asyncio.Event()
@@ -942,6 +972,10 @@ class Node:
                     result = None
                 else:
                     result = await handler(message, ctx)
+                if is_request and isinstance(result, Deferred):
+                    self._defer(env, rec, result)
+                    self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
+                    return
                 if is_request:
                     expected = REPLY_OF[type(message)]
                     if not isinstance(result, expected):
@@ -968,6 +1002,65 @@ class Node:
         self.store.mark_processed(env.message_id, env.message_type, answer, now_ms())
         if answer is not None:
             self._emit(answer)
+
+    def _defer(self, env: Envelope, rec: Record, deferred: Deferred) -> None:
+        """Record the obligation to answer ``env``'s request later (inside its step)."""
+        self.store.add_obligation(
+            Obligation(
+                request_id=env.message_id,
+                request_type=env.message_type,
+                source=env.source,
+                key=rec.key,
+                deadline_ms=env.deadline_ms or now_ms(),
+                accepted_at_ms=now_ms(),
+                state=OPEN,
+            )
+        )
+        self.metrics.inc("xsettle_answers_deferred_total", family=family_of_topic(rec.topic))
+        self._log.info(
+            "answer_deferred", message_id=env.message_id, source=env.source, note=deferred.note
+        )
+
+    async def answer(self, request_id: str, reply: Message | Rejection) -> OutRecord:
+        """Send the one terminal answer to a request whose handler deferred it: the reply, or
+        an ErrorReport for a :class:`Rejection`. Called again (from this process or another
+        sharing the store), it returns the stored answer and sends nothing new."""
+        async with self.step():
+            ob = self.store.get_obligation(request_id)
+            if ob is None:
+                raise RoutingError(f"{self.province} owes no answer to {request_id}")
+            if ob.answer is not None:
+                self._log.info("answer_already_sent", request_id=request_id)
+                return ob.answer
+            if isinstance(reply, Rejection):
+                rep = report(
+                    reply.reject_code,
+                    reply.text,
+                    detected_by=self.province,
+                    origin=ob.source,
+                    responsible=reply.details.pop("responsible", ob.source),
+                    retriable=reply.is_retriable,
+                    details=reply.details,
+                ).model_copy(
+                    update={"ref_message_id": request_id, "ref_message_type": ob.request_type}
+                )
+                record = self._report_out(rep, ob.source, ob.key, request_id)
+            else:
+                expected = REPLY_OF_NAME.get(ob.request_type)
+                if expected is None or not isinstance(reply, expected):
+                    raise RoutingError(
+                        f"{type(reply).__name__} cannot answer {ob.request_type} {request_id}"
+                    )
+                env = self._envelope(reply, ob.source, correlation_id=request_id)
+                record = self._out(reply, env, ob.key, topic(FAMILY_REPLY, ob.source))
+            self.store.settle_obligation(request_id, record, now_ms())
+            self._emit(record)
+        self._log.info("deferred_answer_sent", request_id=request_id, to=ob.source)
+        return record
+
+    def owed(self, limit: int = 1_000) -> list[Obligation]:
+        """What this node owes: open obligations, the earliest deadline first."""
+        return self.store.obligations(OPEN, limit)
 
     async def _give_up(
         self, rec: Record, env: Envelope, message: Message, exc: BaseException | None

@@ -32,6 +32,11 @@ DELIVERED = "delivered"
 EXPIRED = "expired"
 LATE = "late"
 
+OPEN = "open"
+"""An obligation: a request accepted, its one terminal answer not yet sent."""
+ANSWERED_OBLIGATION = "answered"
+"""An obligation whose answer was sent (stored, re-sent on redelivery)."""
+
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
@@ -71,6 +76,30 @@ class PendingRequest:
     """The answer, once one came."""
     answered_at_ms: int | None = None
     """When the answer came."""
+
+
+@dataclass(frozen=True, slots=True)
+class Obligation:
+    """A request this node accepted and owes one terminal answer to (a deferred answer)."""
+
+    request_id: str
+    """``xs-message-id`` of the request."""
+    request_type: str
+    """Full Avro name of the request."""
+    source: str
+    """Province that asked and is owed the answer."""
+    key: bytes | None
+    """Record key of the request (the answer keeps it)."""
+    deadline_ms: int
+    """The request's ``xs-deadline``."""
+    accepted_at_ms: int
+    """When it was accepted."""
+    state: str
+    """``open`` or ``answered``."""
+    answer: OutRecord | None = None
+    """The answer sent, once answered."""
+    answered_at_ms: int | None = None
+    """When it was answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +189,22 @@ class Store(Protocol):
     ) -> None:
         """Record that a received message was handled, with the answer sent for it."""
 
+    def add_obligation(self, obligation: Obligation) -> None:
+        """Record an accepted request whose answer is deferred."""
+
+    def get_obligation(self, request_id: str) -> Obligation | None:
+        """The obligation for this request, open or answered."""
+
+    def settle_obligation(self, request_id: str, answer: OutRecord, at_ms: int) -> None:
+        """Store the terminal answer of an open obligation (``open`` → ``answered``) and make
+        it the request's stored answer, re-sent if the request comes again."""
+
+    def obligations(self, state: str, limit: int) -> list[Obligation]:
+        """Obligations in ``state``, the earliest deadline first."""
+
+    def count_obligations(self, state: str = OPEN) -> int:
+        """How many obligations are in ``state``."""
+
     def prune(self, before_ms: int) -> int:
         """Delete finished entries older than ``before_ms``; return how many."""
 
@@ -197,6 +242,21 @@ CREATE TABLE IF NOT EXISTS processed (
     processed_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS processed_age ON processed (processed_at_ms);
+CREATE TABLE IF NOT EXISTS obligations (
+    request_id TEXT PRIMARY KEY,
+    request_type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key BLOB,
+    deadline_ms INTEGER NOT NULL,
+    accepted_at_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    answer_topic TEXT,
+    answer_key BLOB,
+    answer_value BLOB,
+    answer_headers BLOB,
+    answered_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS obligations_due ON obligations (state, deadline_ms);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -252,6 +312,31 @@ def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
         attempt=int(attempt),
         sent_at_ms=int(sent),
         deadline_ms=int(deadline),
+        state=str(state),
+        answer=answer,
+        answered_at_ms=int(a_at) if a_at is not None else None,
+    )
+
+
+_OBLIGATION_COLUMNS = (
+    "request_id, request_type, source, key, deadline_ms, accepted_at_ms, state, answer_topic, "
+    "answer_key, answer_value, answer_headers, answered_at_ms"
+)
+
+
+def _row_to_obligation(row: tuple[Any, ...]) -> Obligation:
+    (rid, rtype, source, key, deadline, accepted, state,
+     a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
+    answer = None
+    if a_topic is not None:
+        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), _load_headers(bytes(a_headers)))
+    return Obligation(
+        request_id=str(rid),
+        request_type=str(rtype),
+        source=str(source),
+        key=_b(key),
+        deadline_ms=int(deadline),
+        accepted_at_ms=int(accepted),
         state=str(state),
         answer=answer,
         answered_at_ms=int(a_at) if a_at is not None else None,
@@ -448,6 +533,49 @@ class SqliteStore:
                 ),
             )
 
+    # --- obligations (deferred answers) ------------------------------------------------------
+    def add_obligation(self, obligation: Obligation) -> None:
+        o = obligation
+        with self.db.write() as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO obligations (request_id, request_type, source, key, "
+                "deadline_ms, accepted_at_ms, state) VALUES (?,?,?,?,?,?,?)",
+                (o.request_id, o.request_type, o.source, o.key, o.deadline_ms,
+                 o.accepted_at_ms, o.state),
+            )  # fmt: skip
+
+    def get_obligation(self, request_id: str) -> Obligation | None:
+        rows = self._query(f"SELECT {_OBLIGATION_COLUMNS} FROM obligations WHERE request_id = ?",
+                           (request_id,))  # fmt: skip
+        return _row_to_obligation(rows[0]) if rows else None
+
+    def settle_obligation(self, request_id: str, answer: OutRecord, at_ms: int) -> None:
+        headers = _dump_headers(answer.headers)
+        with self.db.write() as cur:
+            cur.execute(
+                "UPDATE obligations SET state = ?, answer_topic = ?, answer_key = ?, "
+                "answer_value = ?, answer_headers = ?, answered_at_ms = ? "
+                "WHERE request_id = ? AND state = ?",
+                (ANSWERED_OBLIGATION, answer.topic, answer.key, answer.value, headers, at_ms,
+                 request_id, OPEN),
+            )  # fmt: skip
+            cur.execute(
+                "UPDATE processed SET answer_topic = ?, answer_key = ?, answer_value = ?, "
+                "answer_headers = ? WHERE message_id = ?",
+                (answer.topic, answer.key, answer.value, headers, request_id),
+            )
+
+    def obligations(self, state: str, limit: int) -> list[Obligation]:
+        rows = self._query(
+            f"SELECT {_OBLIGATION_COLUMNS} FROM obligations WHERE state = ? "
+            "ORDER BY deadline_ms LIMIT ?",
+            (state, limit),
+        )
+        return [_row_to_obligation(r) for r in rows]
+
+    def count_obligations(self, state: str = OPEN) -> int:
+        return int(self._query("SELECT count(*) FROM obligations WHERE state = ?", (state,))[0][0])
+
     def prune(self, before_ms: int) -> int:
         with self.db.write() as cur:
             a = cur.execute(
@@ -458,7 +586,11 @@ class SqliteStore:
             b = cur.execute(
                 "DELETE FROM processed WHERE processed_at_ms < ?", (before_ms,)
             ).rowcount
-        return int(a) + int(b)
+            c = cur.execute(
+                "DELETE FROM obligations WHERE state = ? AND answered_at_ms < ?",
+                (ANSWERED_OBLIGATION, before_ms),
+            ).rowcount
+        return int(a) + int(b) + int(c)
 
     def close(self) -> None:
         self.db.close()

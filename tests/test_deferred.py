@@ -1,0 +1,145 @@
+"""Deferred answers on the real embedded broker: a handler accepts a request now and the node
+answers it later, once, from the obligation it stored."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bus.codec import Codec
+from bus.constants import H_CORRELATION_ID, topic
+from bus.errors import Rejection, RoutingError
+from bus.models import ClaimPackage, ErrorCode, ErrorReport, Message
+from bus.node import DEFER, Answer, Context, Deferred, Node
+from simulators import samples
+from tests.conftest import NodeFactory, ProvincePool
+from tests.helpers import eventually, hdr, read_topic
+
+pytestmark = pytest.mark.broker
+
+
+def claim_to(host: str, home: str, claim_id: str) -> ClaimPackage:
+    return samples.claim(
+        home=home[:2] + "0100", host=host[:2] + "0100", claim_id=claim_id, person=samples.PERSON
+    )
+
+
+class Deferring:
+    """A home handler that defers claims whose id starts with ``D`` and approves the rest."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, message: Message, ctx: Context) -> Message | Deferred | None:
+        assert isinstance(message, ClaimPackage)
+        self.calls.append(message.claim_id)
+        if message.claim_id.startswith("D"):
+            return DEFER
+        return samples.review(message.claim_id)
+
+
+async def home_node(make_node: NodeFactory, code: str, state: Path | None = None) -> Node:
+    node = await make_node(code, start=False, **({"state": state} if state else {}))
+    node.on(ClaimPackage)(Deferring())
+    await node.start()
+    await node.wait_ready()
+    return node
+
+
+class TestDeferredAnswers:
+    async def test_answered_later_once_and_the_partition_is_free(
+        self, make_node: NodeFactory, province_pool: ProvincePool
+    ) -> None:
+        """A deferred claim does not hold its partition (a later claim of the same person is
+        answered first); answer() sends its one answer; a second call sends nothing."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await home_node(make_node, home_code)
+        await host.wait_ready()
+        got: list[Answer] = []
+
+        @host.on_answer(ClaimPackage)
+        async def collect(answer: Answer) -> None:
+            got.append(answer)
+
+        deferred_id = await host.request(claim_to(host_code, home_code, "D-1"), deadline_s=60)
+        quick = await host.ask(claim_to(host_code, home_code, "Q-1"), deadline_s=10)
+        assert quick.ok
+        assert [o.request_id for o in home.owed()] == [deferred_id]
+        first = await home.answer(deferred_id, samples.review("D-1"))
+        again = await home.answer(deferred_id, samples.review("D-1"))
+        assert again == first
+        assert home.owed() == []
+        await eventually(lambda: [a.request_id for a in got] == [quick.request_id, deferred_id])
+        replies = await read_topic(
+            host.bootstrap, host.settings, topic("reply", host_code), expect=2
+        )
+        assert sorted(hdr(r, H_CORRELATION_ID) or "" for r in replies) == sorted(
+            [deferred_id, quick.request_id]
+        )
+
+    async def test_obligation_survives_a_restart_and_a_resend_makes_no_second(
+        self, make_node: NodeFactory, province_pool: ProvincePool, state_dir: Path
+    ) -> None:
+        """The obligation outlives the responder; a re-send while it is open makes no second
+        one and no answer; after the answer a re-send gets the stored answer again."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await home_node(make_node, home_code, state_dir)
+        await host.wait_ready()
+        request_id = await host.request(claim_to(host_code, home_code, "D-2"), deadline_s=60)
+        await eventually(lambda: len(home.owed()) == 1)
+        assert await host.resend(request_id)
+        await eventually(lambda: home.metrics.get("xsettle_duplicates_total", family="claim") == 1)
+        assert len(home.owed()) == 1
+        await home.stop()
+        home.store.close()
+        back = await home_node(make_node, home_code, state_dir)
+        [owed] = back.owed()
+        assert owed.request_id == request_id
+        await back.answer(request_id, samples.review("D-2"))
+        await eventually(
+            lambda: (p := host.store.get_pending(request_id)) is not None and p.state == "delivered"
+        )
+        assert await host.resend(request_id) is False  # answered: nothing to re-send
+
+    async def test_rejection_is_answered_as_an_error_report(
+        self, make_node: NodeFactory, province_pool: ProvincePool, codec: Codec
+    ) -> None:
+        """A deferred request can be refused later: an ErrorReport with the code and the
+        request's id as correlation and reference."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await home_node(make_node, home_code)
+        await host.wait_ready()
+        waiting = asyncio.ensure_future(
+            host.ask(claim_to(host_code, home_code, "D-3"), deadline_s=30)
+        )
+        await eventually(lambda: len(home.owed()) == 1)
+        [owed] = home.owed()
+        await home.answer(owed.request_id, Rejection(ErrorCode.AMOUNT_MISMATCH, "reviewer: no"))
+        answer = await waiting
+        assert answer.code is ErrorCode.AMOUNT_MISMATCH
+        assert isinstance(answer.message, ErrorReport)
+        assert answer.message.ref_message_id == owed.request_id
+
+    async def test_answer_to_nothing_owed_or_of_the_wrong_family_is_refused(
+        self, make_node: NodeFactory, province_pool: ProvincePool
+    ) -> None:
+        """answer() for an id nobody is owed, or with a reply the contract does not pair with
+        the request, raises and sends nothing."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await home_node(make_node, home_code)
+        await host.wait_ready()
+        with pytest.raises(RoutingError):
+            await home.answer("no-such-request", samples.review("X"))
+        await host.request(claim_to(host_code, home_code, "D-4"), deadline_s=60)
+        await eventually(lambda: len(home.owed()) == 1)
+        [owed] = home.owed()
+        with pytest.raises(RoutingError):
+            await home.answer(owed.request_id, samples.receipt())
+        assert home.store.outbox_size() == 0
+        assert [o.request_id for o in home.owed()] == [owed.request_id]
