@@ -189,7 +189,12 @@ class Simulation:
             if all(host.backoffice.filing_for(pid) is not None for host, pid in pairs):
                 return
             await asyncio.sleep(0.1)
-        raise RuntimeError("filings were not registered at the hosts within 60 s")
+        missing = [h.province for h, pid in pairs if h.backoffice.filing_for(pid) is None]
+        outboxes = {p: s.node.health()["outbox"] for p, s in self.systems.items()}
+        raise RuntimeError(
+            f"{len(missing)} filings were not registered within 60 s "
+            f"(hosts {sorted(set(missing))}; outbox sizes {outboxes})"
+        )
 
     def plan(self, filed: dict[Agreement, list[Person]]) -> list[Visit]:
         """Every visit of the day, decided up front from the seed (reproducible)."""
