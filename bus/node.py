@@ -986,22 +986,33 @@ class Node:
                     reply_env = self._envelope(result, env.source, correlation_id=env.message_id)
                     answer = self._out(result, reply_env, rec.key, topic(FAMILY_REPLY, env.source))
         except Rejection as rej:
-            rep = report(
-                rej.reject_code,
-                rej.text,
-                detected_by=self.province,
-                origin=env.source,
-                responsible=rej.details.pop("responsible", env.source),
-                retriable=rej.is_retriable,
-                severity=Severity.ERROR,
-                ref=env,
-                record=rec,
-                details=rej.details,
-            )
+            rep = self._rejected(rej, env.source, env.message_id, env.message_type, rec)
             answer = self._report_out(rep, env.source, rec.key, env.message_id)
         self.store.mark_processed(env.message_id, env.message_type, answer, now_ms())
         if answer is not None:
             self._emit(answer)
+
+    def _rejected(
+        self,
+        rej: Rejection,
+        origin: str,
+        ref_id: str,
+        ref_type: str,
+        record: Record | None = None,
+    ) -> ErrorReport:
+        """The ErrorReport answering a request (``ref_id``) that a handler or a reviewer
+        refused; ``responsible`` in the rejection's details names who must act."""
+        return report(
+            rej.reject_code,
+            rej.text,
+            detected_by=self.province,
+            origin=origin,
+            responsible=rej.details.pop("responsible", origin),
+            retriable=rej.is_retriable,
+            severity=Severity.ERROR,
+            record=record,
+            details=rej.details,
+        ).model_copy(update={"ref_message_id": ref_id, "ref_message_type": ref_type})
 
     def _defer(self, env: Envelope, rec: Record, deferred: Deferred) -> None:
         """Record the obligation to answer ``env``'s request later (inside its step)."""
@@ -1033,17 +1044,7 @@ class Node:
                 self._log.info("answer_already_sent", request_id=request_id)
                 return ob.answer
             if isinstance(reply, Rejection):
-                rep = report(
-                    reply.reject_code,
-                    reply.text,
-                    detected_by=self.province,
-                    origin=ob.source,
-                    responsible=reply.details.pop("responsible", ob.source),
-                    retriable=reply.is_retriable,
-                    details=reply.details,
-                ).model_copy(
-                    update={"ref_message_id": request_id, "ref_message_type": ob.request_type}
-                )
+                rep = self._rejected(reply, ob.source, request_id, ob.request_type)
                 record = self._report_out(rep, ob.source, ob.key, request_id)
             else:
                 expected = REPLY_OF_NAME.get(ob.request_type)
