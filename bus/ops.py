@@ -39,7 +39,7 @@ from bus.errors import DecodeError
 from bus.logs import ID_KEYS, NAME_KEYS, mask_id, mask_name, mask_text
 from bus.models import ErrorReport
 from bus.settings import BusSettings
-from bus.store import PendingRequest, Store
+from bus.store import OPEN, Obligation, PendingRequest, Store
 from bus.transport import Admin, Consumer, Headers, Partition, Producer, Record
 
 log = structlog.get_logger(__name__)
@@ -661,6 +661,8 @@ async def replay(settings: BusSettings, bootstrap: str, letters: Iterable[DeadLe
 
 
 # --- pending requests ------------------------------------------------------------------------
+AWAITED: Final = "awaited"
+OWED: Final = "owed"
 OVERDUE: Final = "overdue"
 NEAR: Final = "near"
 WAITING: Final = "waiting"
@@ -706,10 +708,14 @@ class PendingRow:
     """``overdue``, ``near`` (within 10 % of its window or 60 s) or ``waiting``."""
     age_bucket: str
     """Age bucket label."""
+    direction: str = AWAITED
+    """``awaited`` (we wait for ``target``'s answer) or ``owed`` (we, ``target``, owe
+    ``source`` a deferred answer)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for JSON (the key is already masked)."""
         return {
+            "direction": self.direction,
             "message_id": self.message_id,
             "message_type": self.message_type,
             "source": self.source,
@@ -725,17 +731,23 @@ class PendingRow:
         }
 
 
-def pending_row(request: PendingRequest, now_ms_: int) -> PendingRow:
-    """One pending request classified at ``now_ms_``."""
-    window_s = max(0.0, (request.deadline_ms - request.sent_at_ms) / 1000)
-    remaining = (request.deadline_ms - now_ms_) / 1000
-    age = max(0.0, (now_ms_ - request.sent_at_ms) / 1000)
+def _status(start_ms: int, deadline_ms: int, now_ms_: int) -> tuple[float, float, str]:
+    """(age s, remaining s, status) of something due at ``deadline_ms`` since ``start_ms``."""
+    window_s = max(0.0, (deadline_ms - start_ms) / 1000)
+    remaining = (deadline_ms - now_ms_) / 1000
+    age = max(0.0, (now_ms_ - start_ms) / 1000)
     if remaining <= 0:
         status = OVERDUE
     elif remaining <= max(NEAR_FRACTION * window_s, NEAR_MIN_S):
         status = NEAR
     else:
         status = WAITING
+    return age, remaining, status
+
+
+def pending_row(request: PendingRequest, now_ms_: int) -> PendingRow:
+    """One pending request classified at ``now_ms_``."""
+    age, remaining, status = _status(request.sent_at_ms, request.deadline_ms, now_ms_)
     source = header_dict(request.record.headers).get(H_SOURCE)
     return PendingRow(
         message_id=request.message_id,
@@ -751,6 +763,34 @@ def pending_row(request: PendingRequest, now_ms_: int) -> PendingRow:
         status=status,
         age_bucket=age_bucket(age),
     )
+
+
+def owed_row(obligation: Obligation, province: str, now_ms_: int) -> PendingRow:
+    """One deferred answer ``province`` owes, classified at ``now_ms_``."""
+    age, remaining, status = _status(obligation.accepted_at_ms, obligation.deadline_ms, now_ms_)
+    return PendingRow(
+        message_id=obligation.request_id,
+        message_type=obligation.request_type,
+        source=obligation.source,
+        target=province,
+        key=mask_key(obligation.key),
+        attempt=1,
+        sent_at_ms=obligation.accepted_at_ms,
+        deadline_ms=obligation.deadline_ms,
+        age_s=age,
+        remaining_s=remaining,
+        status=status,
+        age_bucket=age_bucket(age),
+        direction=OWED,
+    )
+
+
+def owed_report(
+    store: Store, province: str, now_ms: int, *, limit: int = 10_000
+) -> list[PendingRow]:
+    """Deferred answers ``province`` owes, overdue first, then by deadline."""
+    rows = [owed_row(o, province, now_ms) for o in store.obligations(OPEN, limit)]
+    return sorted(rows, key=lambda r: (_STATUS_ORDER[r.status], r.deadline_ms, r.source or ""))
 
 
 def pending_report(store: Store, now_ms: int, *, limit: int = 10_000) -> list[PendingRow]:

@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from bus.ops import (
     coords,
     follow_errors,
     list_dead_letters,
+    owed_report,
     parse_coords,
     pending_report,
     pending_summary,
@@ -252,14 +254,25 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     try:
         now = now_ms()
         rows = [row for store in stores.values() for row in pending_report(store, now)]
+        owed = [row for p, store in stores.items() for row in owed_report(store, p, now)]
     finally:
         for store in stores.values():
             store.close()
     rows.sort(key=lambda r: ({"overdue": 0, "near": 1}.get(r.status, 2), r.deadline_ms))
     if args.json:
-        for r in rows:
+        for r in rows + owed:
             print(json.dumps(r.to_json(), ensure_ascii=False))
         return 0
+    if owed:
+        print(f"we owe {len(owed)} answer(s): ", end="")
+        print(", ".join(f"{n} to {s}" for s, n in Counter(r.source for r in owed).most_common()))
+        for r in owed:
+            print(
+                f"  {r.status:<9}{r.target}->{r.source or '-':<8}"
+                f"{r.message_type.removeprefix('xsettle.v1.'):<16}{r.message_id:<38}"
+                f"{r.age_s:>9.0f}s{r.remaining_s:>9.0f}s"
+            )
+        print()
     if not rows:
         print("nothing pending")
         return 0

@@ -27,13 +27,14 @@ from bus.ops import (
     ErrorEvent,
     follow_errors,
     list_dead_letters,
+    owed_report,
     parse_coords,
     pending_report,
     pending_summary,
     replay,
 )
 from bus.settings import BusSettings
-from bus.store import PENDING, OutRecord, PendingRequest, SqliteStore
+from bus.store import OPEN, PENDING, Obligation, OutRecord, PendingRequest, SqliteStore
 from schemas import SCHEMA_DIR
 from simulators import samples
 from simulators.cli import build_parser
@@ -288,6 +289,31 @@ class TestReplay:
 
 
 class TestPending:
+    def test_what_we_owe_is_listed_overdue_first(self, tmp_path: Path) -> None:
+        """Deferred answers this province owes are listed by requester, overdue first,
+        with the person's key masked; answered ones are not listed."""
+        store = SqliteStore(tmp_path / "province-130000.sqlite3")
+        now = 10_000_000
+        for rid, source, deadline in (
+            ("late-one", "460000", now - 1_000),
+            ("fresh-one", "530000", now + 3_600_000),
+            ("done-one", "460000", now - 5_000),
+        ):
+            store.add_obligation(
+                Obligation(rid, "xsettle.v1.ClaimPackage", source, samples.PERSON.encode(),
+                           deadline, now - 60_000, OPEN)
+            )  # fmt: skip
+        store.settle_obligation("done-one", OutRecord("t", None, b"v", ()), now)
+        rows = owed_report(store, "130000", now)
+        store.close()
+        assert [(r.message_id, r.source, r.status) for r in rows] == [
+            ("late-one", "460000", "overdue"),
+            ("fresh-one", "530000", "waiting"),
+        ]
+        assert {r.direction for r in rows} == {"owed"}
+        assert all(r.target == "130000" for r in rows)
+        assert all(r.key is not None and samples.PERSON not in r.key for r in rows)
+
     def test_overdue_first_then_near_then_waiting(self, tmp_path: Path) -> None:
         """Overdue requests come first, then those within 10 % of their window or 60 s."""
         store = SqliteStore(tmp_path / "bus-130000.sqlite3")
