@@ -384,6 +384,12 @@ class SqliteBackOffice:
             rows = self._all("SELECT data FROM claims")
         return [_load_claim(r[0]) for r in rows]
 
+    def count_open_claims(self) -> int:
+        """How many claims are not in a terminal state (a count, no claim decoded)."""
+        done = sorted(s.value for s in TERMINAL_STATES)
+        rows = self._all("SELECT count(*) FROM claims WHERE state NOT IN (?, ?)", tuple(done))
+        return int(rows[0][0])
+
     def settlement_stats(self, host: str) -> list[dict[str, object]]:
         """Settled claims of this host by home province and month of discharge: the monthly
         figures an ops lead reports (settlements, total costs, fund paid)."""

@@ -84,9 +84,11 @@ class HomeRole:
     async def file(self, filing: FilingUpload) -> str:
         """Register a filing here and upload it to the host, in one step; returns the
         request id."""
-        async with self.node.step():
+        async with self.node.step() as step:
             self.backoffice.record_filing(filing)
-            return await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
+            request_id = await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
+        await self.node.delivered(step)  # the counter waits for the broker, not the receipt
+        return request_id
 
     async def _on_receipt(self, answer: Answer) -> None:
         if isinstance(answer.message, FilingReceipt):

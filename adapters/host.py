@@ -233,7 +233,7 @@ class HostRole:
             if claim.settlement_mode is SettlementMode.DELAYED
             else self.instant_deadline_s
         )
-        async with self.node.step():
+        async with self.node.step() as step:
             existing = self.backoffice.claim(claim.claim_id)
             if existing is not None and existing.request_id is not None:
                 return existing.request_id
@@ -247,6 +247,7 @@ class HostRole:
                 ),
                 payments=[("ADVANCE", claim.advance_fen)],
             )
+        await self.node.delivered(step)  # the desk waits for the broker, not for the review
         return request_id
 
     # --- answers -------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class Step:
     """Outbox rows (id, record) written by the step: sent once it committed."""
     on_commit: list[Callable[[], None]] = field(default_factory=list)
     """Callbacks run after the commit (waking a waiter, say); never before."""
+    sent: list[Any] = field(default_factory=list)
+    """After the commit: one future per outbox row, done when the broker acknowledged it."""
 
 
 _CURRENT: contextvars.ContextVar[tuple[Database, Step] | None] = contextvars.ContextVar(

@@ -493,6 +493,7 @@ class Node:
         async with self.store.step() as st:
             yield st
         futures = self._relay.dispatch(st.outbox)  # no await in between: commit order kept
+        st.sent = list(futures)
         outputs = _OUTPUTS.get()
         if outputs is not None:
             outputs.extend(futures)
@@ -566,11 +567,16 @@ class Node:
     async def request(self, message: Message, *, deadline_s: float) -> str:
         """Send a request; the answer goes to the :meth:`on_answer` callback. Returns its id.
 
-        The pending request and the record commit in one step (the running one, or its own)."""
+        The pending request and the record commit in one step (the running one, or its own;
+        in its own step it returns once the broker has the record, so a caller sending many
+        requests is held back by the broker's pace instead of filling the outbox)."""
         pending = self._request_record(message, deadline_s)
-        async with self.step():
+        joined = self.store.current() is not None
+        async with self.step() as st:
             self.store.add_pending(pending)
             self._emit(pending.record)
+        if not joined:
+            await self.delivered(st)
         self._log.debug(
             "request_sent", message_id=pending.message_id, type=pending.message_type,
             target=pending.target,
@@ -591,6 +597,12 @@ class Node:
             return await asyncio.wait_for(asyncio.shield(waiter), deadline_s + 30.0)
         finally:
             self._waiters.pop(pending.message_id, None)
+
+    async def delivered(self, step: Step) -> None:
+        """Wait until the broker acknowledged every record ``step`` sent (after its commit).
+        Desk actions use it for back-pressure; durability never depends on it."""
+        if step.sent:
+            await asyncio.gather(*step.sent)
 
     async def resend(self, request_id: str) -> bool:
         """Send an unanswered request again: same id, ``xs-attempt`` + 1. False if answered."""

@@ -346,7 +346,7 @@ class Simulation:
 
     def open_claims(self) -> int:
         """Claims not yet in a terminal state, across hosts."""
-        return sum(len(s.backoffice.claims(open_only=True)) for s in self.systems.values())
+        return sum(s.backoffice.count_open_claims() for s in self.systems.values())
 
     async def run(self, per_agreement: int | None = None) -> Facts:
         """The whole day: population, faults, visits, wait for every claim, facts."""
