@@ -765,10 +765,9 @@ class Node:
 
     async def _process_record(self, rec: Record) -> None:
         self.metrics.inc("xsettle_records_in_total", topic_family=family_of_topic(rec.topic))
-        poison = getattr(rec, "poison", None)
         try:
-            if poison is not None:
-                raise DecodeError("undecodable_header", poison)
+            if rec.poison is not None:
+                raise DecodeError("undecodable_header", rec.poison)
             size = record_size(rec)
             if size > MAX_RECORD_BYTES:
                 raise DecodeError(
@@ -915,7 +914,7 @@ class Node:
             for to in dict.fromkeys((env.source, self.province)):
                 self._emit(self._report_out(rep, to, rec.key, env.message_id))
             return
-        answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
+        answer = _stored(rec)
         before, _ = self.store.record_answer(
             env.correlation_id,
             answer,
@@ -1096,7 +1095,7 @@ class Node:
         )
         if self._is_answer(env, message):
             assert env.correlation_id is not None
-            answer = OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
+            answer = _stored(rec)
             self.store.record_answer(
                 env.correlation_id,
                 answer,
@@ -1204,6 +1203,11 @@ class Node:
             except BusError as exc:
                 self._log.warning("sweep_failed", error=str(exc))
             await asyncio.sleep(interval)
+
+
+def _stored(rec: Record) -> OutRecord:
+    """A received answer as the store keeps it (byte for byte)."""
+    return OutRecord(rec.topic, rec.key, rec.value or b"", rec.headers)
 
 
 def _acknowledged(worker: _Worker) -> int | None:
