@@ -8,19 +8,36 @@ problem. Queries are pure lookups; nothing here does I/O after loading.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.rules import MAX_ADVANCE_PERMILLE, HospitalLevel, Money, Policy
 from bus.models import CatalogueClass, ItemCategory, SettlementMode
+from bus.signing import (
+    ED25519,
+    KeyRing,
+    PublicKey,
+    demo_key_id,
+    demo_private_key,
+    public_bytes,
+)
+
+
+def demo_public_key(key_id: str) -> str:
+    """The base64 public key of a demo key id (what the default directory publishes)."""
+    return base64.b64encode(public_bytes(demo_private_key(key_id))).decode()
+
 
 DEFAULT_PATH: Final = Path(__file__).parent / "default_directory.toml"
 """The packaged default directory."""
@@ -110,6 +127,54 @@ class Catalogue(_Frozen):
     items: tuple[CatalogueItem, ...]
 
 
+class SigningKeyEntry(_Frozen):
+    """A province's public signing key (global configuration): records whose ``xs-key-id``
+    names it are checked with it while ``xs-sent-at`` is inside its validity. A retired key
+    stays listed with its ``valid_until``, so old evidence (the message log) still verifies."""
+
+    province: ProvinceCode
+    key_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    algorithm: Literal["ed25519"] = ED25519
+    public_key: str
+    """The raw public key, base64 (32 bytes for Ed25519)."""
+    valid_from: datetime
+    valid_until: datetime | None = None
+    demo: bool = False
+    """A key derived from public text (:func:`bus.signing.demo_private_key`) that anyone can
+    sign with: for the simulators and the demo, never in a real directory."""
+
+    @field_validator("valid_from", "valid_until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone, e.g. 2026-01-01T00:00:00+08:00")
+        return value
+
+    @field_validator("public_key")
+    @classmethod
+    def _raw_key(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not base64") from None
+        if len(raw) != 32:
+            raise ValueError(f"an Ed25519 public key is 32 bytes, this is {len(raw)}")
+        return value
+
+    def public(self) -> PublicKey:
+        """The key as :mod:`bus.signing` checks with it."""
+        return PublicKey(
+            key_id=self.key_id,
+            province=self.province,
+            algorithm=self.algorithm,
+            public=base64.b64decode(self.public_key),
+            valid_from_ms=int(self.valid_from.timestamp() * 1000),
+            valid_until_ms=(
+                int(self.valid_until.timestamp() * 1000) if self.valid_until is not None else None
+            ),
+        )
+
+
 class DirectoryData(_Frozen):
     """The validated content of a directory file, before cross-checks."""
 
@@ -119,6 +184,10 @@ class DirectoryData(_Frozen):
     agreements: tuple[Agreement, ...] = ()
     policies: tuple[Policy, ...] = ()
     catalogues: tuple[Catalogue, ...] = ()
+    keys: tuple[SigningKeyEntry, ...] = ()
+    demo_keys: bool = False
+    """Simulations only: a province with no key listed signs with its demo key
+    (``<code>-demo-1``, derivable by anyone). Never in a real directory."""
 
 
 Loc = tuple[str | int, ...]
@@ -284,6 +353,15 @@ def _cross_check(data: DirectoryData) -> list[tuple[Loc, str]]:
     found += _duplicates(
         "agreements", [(a.home, a.host) for a in data.agreements], "agreement (home, host)"
     )
+    found += _duplicates("keys", [k.key_id for k in data.keys], "key id")
+    province_codes = {p.code for p in data.provinces}
+    for i, key in enumerate(data.keys):
+        if key.province not in province_codes:
+            found.append((("keys", i, "province"), f"unknown province {key.province}"))
+        if key.valid_until is not None and key.valid_until <= key.valid_from:
+            found.append((("keys", i, "valid_until"), "ends before it starts"))
+        if key.demo and key.public_key != demo_public_key(key.key_id):
+            found.append((("keys", i, "public_key"), "not the demo key of this key id"))
     regions = {r.code for r in data.regions}
     hospitals = {h.code: h for h in data.hospitals}
     host_provinces = {h.province for h in data.hospitals}
@@ -452,6 +530,32 @@ class Directory:
     def catalogue_classes(self, host_province: str) -> dict[str, CatalogueClass]:
         """Item code → host catalogue class, as :func:`adapters.rules.review` takes it."""
         return {code: i.catalogue_class for code, i in self.catalogue(host_province).items()}
+
+    def keyring(self) -> KeyRing:
+        """Every published public key, for checking signatures (with ``demo_keys``, the
+        demo key of each province that lists none)."""
+        return KeyRing(k.public() for k in self.signing_keys())
+
+    def signing_keys(self) -> tuple[SigningKeyEntry, ...]:
+        """The published keys, plus (``demo_keys``) a demo key for each province that lists
+        none."""
+        listed = {k.province for k in self.data.keys}
+        extra = tuple(
+            SigningKeyEntry(
+                province=code,
+                key_id=demo_key_id(code),
+                public_key=demo_public_key(demo_key_id(code)),
+                valid_from=datetime(2000, 1, 1, tzinfo=UTC),
+                demo=True,
+            )
+            for code in (p.code for p in self.data.provinces)
+            if self.data.demo_keys and code not in listed
+        )
+        return self.data.keys + extra
+
+    def keys_of(self, province: str) -> tuple[SigningKeyEntry, ...]:
+        """A province's keys (see :meth:`signing_keys`), in file order."""
+        return tuple(k for k in self.signing_keys() if k.province == province)
 
     def provinces(self) -> tuple[str, ...]:
         """Sorted codes of every province that appears anywhere in the directory."""

@@ -9,14 +9,62 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog
+
 from adapters.backoffice import SqliteBackOffice
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
 from bus.db import Database
+from bus.envelope import now_ms
 from bus.node import Node
 from bus.settings import BusSettings
+from bus.signing import Signer, Trust, Verifier
 from bus.store import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+
+def trust_for(province: str, settings: BusSettings, directory: Directory) -> Trust:
+    """How ``province`` signs and checks: its key from ``settings.signing_key_file`` (or its
+    demo key from the directory), every province's public keys from the directory, and the
+    sent-at window from the settings. ``ValueError`` with one clear line when the key does not
+    fit the directory."""
+    keyring = directory.keyring()
+    key_id = settings.signing_key_id
+    if key_id is None:
+        current = keyring.current(province, now_ms())
+        if current is None:
+            raise ValueError(f"the directory publishes no key of {province} valid now")
+        key_id = current.key_id
+    published = keyring.get(key_id)
+    if published is None or published.province != province:
+        raise ValueError(f"key {key_id} is not a key of {province} in the directory")
+    if settings.signing_key_file is not None:
+        signer = Signer.from_pem(settings.signing_key_file, province, key_id)
+    else:
+        entry = next((k for k in directory.keys_of(province) if k.key_id == key_id), None)
+        if entry is None or not entry.demo:
+            raise ValueError(
+                f"{province} signs with {key_id}, which is not a demo key: set "
+                "signing_key_file (XSETTLE_SIGNING_KEY_FILE) to its private key"
+            )
+        signer = Signer.demo(province, key_id)
+        if not settings.embedded:
+            log.warning(
+                "signing_with_demo_key",
+                province=province,
+                key_id=key_id,
+                note="anyone can derive this key: generate one with `xsettle keys generate`",
+            )
+    if signer.public != published.public:
+        raise ValueError(f"the private key does not match {key_id} as the directory publishes it")
+    verifier = Verifier(
+        keyring,
+        clock_skew_ms=settings.clock_skew_s * 1000,
+        max_age_ms=settings.max_record_age_s * 1000,
+    )
+    return Trust(signer, verifier)
 
 
 class ProvinceSystem:
@@ -41,6 +89,7 @@ class ProvinceSystem:
             province,
             settings.model_copy(update={"state_dir": folder}),
             bootstrap=bootstrap,
+            trust=trust_for(province, settings, directory),
             store=SqliteStore(self.db),
         )
         self.backoffice = SqliteBackOffice(self.db)

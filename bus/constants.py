@@ -41,7 +41,7 @@ def topics_for(province: str) -> list[str]:
     return [topic(family, province) for family in TOPIC_FAMILIES]
 
 
-TOPIC_RE: Final = re.compile(r"^xsettle\.(filing|claim|settlement|reply|error|dlq)\.(\d{6})$")
+TOPIC_RE: Final = re.compile(r"^xsettle\.(filing|claim|settlement|reply|error|dlq)\.([0-9]{6})$")
 """Parses a contract topic into (family, province)."""
 
 ERROR_TOPIC_PATTERN: Final = r"^xsettle\.error\.\d{6}$"
@@ -58,6 +58,14 @@ H_DEADLINE: Final = "xs-deadline"
 H_CORRELATION_ID: Final = "xs-correlation-id"
 H_ATTEMPT: Final = "xs-attempt"
 H_TRACEPARENT: Final = "traceparent"
+
+# Signature headers (contract v1.1, bus/signing.py).
+H_SIGNATURE_ALG: Final = "xs-signature-alg"
+"""The signature algorithm: ``ed25519`` (the default; ``sm2-sm3`` can be added)."""
+H_KEY_ID: Final = "xs-key-id"
+"""The id of the sender's key in the directory's key list."""
+H_SIGNATURE: Final = "xs-signature"
+"""The signature over the record's canonical form, base64 (RFC 4648, with padding)."""
 
 # Diagnostic headers a dead letter carries besides its original headers.
 H_DLQ_TOPIC: Final = "xs-dlq-original-topic"
@@ -93,8 +101,8 @@ DLQ_CONTENT_UNREADABLE: Final = "unreadable"
 it is known but its coordinates."""
 
 # --- Codes ------------------------------------------------------------------------------------
-PROVINCE_RE: Final = re.compile(r"^\d{2}0000$")
-REGION_RE: Final = re.compile(r"^\d{6}$")
+PROVINCE_RE: Final = re.compile(r"^[0-9]{2}0000$")
+REGION_RE: Final = re.compile(r"^[0-9]{6}$")
 
 
 def province_of(region: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sqlite3
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.errors import StoreError
+from bus.transport import Headers
 
 
 @dataclass(eq=False)
@@ -177,3 +179,30 @@ class Database:
             self._rollback()
             self._db.close()
             self._closed = True
+
+
+_LEN = struct.Struct(">HI")
+"""Header blob framing: key length (2 bytes), value length (4 bytes), then both."""
+
+
+def dump_headers(headers: Headers) -> bytes:
+    """Headers as one blob (cheaper than JSON and byte-exact)."""
+    out = bytearray()
+    for k, v in headers:
+        kb = k.encode("utf-8")
+        out += _LEN.pack(len(kb), len(v)) + kb + v
+    return bytes(out)
+
+
+def load_headers(blob: bytes) -> Headers:
+    """Headers from a :func:`dump_headers` blob."""
+    pairs = []
+    pos = 0
+    while pos < len(blob):
+        klen, vlen = _LEN.unpack_from(blob, pos)
+        pos += _LEN.size
+        key = blob[pos : pos + klen].decode("utf-8")
+        pos += klen
+        pairs.append((key, bytes(blob[pos : pos + vlen])))
+        pos += vlen
+    return tuple(pairs)

@@ -31,6 +31,7 @@ from bus.constants import (
     H_TARGET,
     H_TRACEPARENT,
     PROVINCE_RE,
+    REGION_RE,
     TOPIC_RE,
     province_of,
 )
@@ -75,6 +76,14 @@ SUBJECT_OF: dict[type[Message], str] = {
 }
 """The payload field naming what a message is about: a reply must name the same one as its
 request."""
+
+ISSUED_ID: dict[type[Message], tuple[str, str]] = {
+    FilingUpload: ("filing_id", "F"),
+    ClaimPackage: ("claim_id", "C"),
+}
+"""Requests whose id names who issued it: ``<letter>-<code>-<rest>`` where ``<code>`` is the
+sending province or one of its regions (``C-460000-H46010001-…``, ``F-130100-…``), so no
+province can take another's claim or filing id."""
 
 ROUTES: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("home_region", "host_region"),
@@ -235,6 +244,21 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
                 "header_mismatch",
                 f"xs-reply-to {envelope.reply_to} is not {own}: answers go only to the "
                 "sender's own reply topic",
+            )
+        field, letter = ISSUED_ID[type(message)]
+        issued = str(getattr(message, field))
+        parts = issued.split("-", 2)
+        if not (
+            len(parts) == 3
+            and parts[0] == letter
+            and REGION_RE.match(parts[1]) is not None
+            and province_of(parts[1]) == envelope.source
+            and parts[2]
+        ):
+            raise DecodeError(
+                "header_mismatch",
+                f"{field} {issued!r} is not one {envelope.source} may issue: it must be "
+                f"{letter}-<{envelope.source} or one of its regions>-<unique part>",
             )
         src = province_of(str(getattr(message, route[0])))
         dst = province_of(str(getattr(message, route[1])))

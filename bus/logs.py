@@ -66,6 +66,21 @@ def mask_pii(
     return event_dict
 
 
+class _StderrLogger:
+    """Writes each line to ``sys.stderr`` as it is when the line is written (not as it was
+    when logging was configured: a test's captured stream may be closed by then)."""
+
+    def msg(self, message: str) -> None:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(*, json: bool = False, level: str = "INFO") -> None:
     """Set up structlog for a process: masked, timestamped, console or JSON lines on stderr."""
     renderer: Any = (
@@ -83,6 +98,6 @@ def configure(*, json: bool = False, level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )

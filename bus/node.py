@@ -14,6 +14,14 @@ value/headers cannot be decoded or disagree    record copied byte for byte to
 missing/contradicting header, non-UTF-8        ``INVALID_MESSAGE`` to ``xsettle.error.<sender>``
 header value, ``xs-reply-to`` that is not      when ``xs-source`` names a province
 ``xsettle.reply.<xs-source>``)
+signature missing, not verifying, by an        dead letter (kind ``unsigned``,
+unknown key or a key of another province,      ``bad_signature``, ``unknown_key``,
+outside the key's validity, ``xs-sent-at``     ``key_not_owned``, ``key_not_valid``,
+too far ahead or too old, or the same signed   ``future``, ``stale``, ``replayed``...):
+record accepted before at other coordinates    ``SIGNATURE_INVALID`` to the claimed sender
+                                               and to our ops; never handled
+a claim/filing id that does not name the       dead letter (``header_mismatch``),
+sending province (``C-<xs-source>-…``)         ``INVALID_MESSAGE`` to the sender
 header key the client cannot decode            dead letter with its coordinates, no bytes
 (poison record)                                (kind ``undecodable_header``); the partition
                                                goes on after it
@@ -28,7 +36,8 @@ handler fails transiently (any other error)    the whole step rolled back and re
                                                after the last try ``INTERNAL_ERROR``
                                                (retriable) to the sender and to ops
 same ``xs-message-id`` received again          not handled again; the stored answer is
-                                               queued again, byte for byte
+(a re-send: new attempt and signature)         queued again (same id, ``xs-attempt`` + 1,
+                                               signed anew as it leaves)
 reply/ErrorReport for a pending request        handled by the caller's callback in the same
                                                step that stores it: delivered once
 reply from another province than the one       ``INVALID_MESSAGE`` to the replier and to ops;
@@ -50,6 +59,9 @@ crash anywhere                                 a step is all or nothing; at star
                                                and stored answers the caller has not handled
                                                are handed to it
 a send fails                                   retried from the outbox until acknowledged
+a record that fails is from a province that    dead letter; the report goes to our ops only
+publishes no key, or arrived on an error       (no report to a topic nobody reads, no two
+topic                                          provinces answering each other's reports)
 unexpected error in the fetch loop or a        logged with its traceback, counted in
 partition worker                               ``xsettle_worker_crashes_total``;
                                                :attr:`Node.failed` is set and the process
@@ -77,11 +89,13 @@ from typing import Any, TypeVar
 
 import structlog
 
+from bus.audit import RECEIVED, SENT, AuditEntry
 from bus.codec import Codec
 from bus.constants import (
     ERROR_TEXT_MAX,
     FAMILY_ERROR,
     FAMILY_REPLY,
+    H_CORRELATION_ID,
     H_MESSAGE_ID,
     INBOX_FAMILIES,
     MAX_RECORD_BYTES,
@@ -115,8 +129,9 @@ from bus.models import (
     Severity,
     now,
 )
-from bus.outbox import Relay, family_of_topic
+from bus.outbox import Relay, family_of_topic, resent
 from bus.settings import BusSettings
+from bus.signing import SignatureError, Trust, Verified, signature_of
 from bus.store import (
     EXPIRED,
     OPEN,
@@ -271,6 +286,7 @@ class Node:
         settings: BusSettings,
         *,
         bootstrap: str,
+        trust: Trust,
         store: Store | None = None,
         codec: Codec | None = None,
         group: str | None = None,
@@ -280,6 +296,8 @@ class Node:
         self.province = province
         self.settings = settings
         self.bootstrap = bootstrap
+        self.trust = trust
+        """Signs what the node sends and checks what it receives (:mod:`bus.signing`)."""
         self.codec = codec or Codec()
         self.store: Store = store or SqliteStore(settings.state_dir / f"bus-{province}.sqlite3")
         self.group = group or f"xsettle-{province}"
@@ -299,7 +317,14 @@ class Node:
         self._waiters: dict[str, asyncio.Future[Answer]] = {}
         self._workers: dict[Partition, _Worker] = {}
         self._producer = Producer(settings, bootstrap, name=f"{province}-out")
-        self._relay = Relay(self.store, self._producer, self.metrics, province)
+        self._relay = Relay(
+            self.store,
+            self._producer,
+            self.metrics,
+            province,
+            seal=self._seal,
+            describe=self._describe_sent,
+        )
         self._consumer: Consumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
@@ -504,6 +529,47 @@ class Node:
         if st is None:
             raise StoreError("a record can only be sent from inside a step")
         st.outbox.append((self.store.add_outbox(record), record))
+
+    def _seal(self, record: OutRecord) -> OutRecord:
+        """The record as it leaves now: sent-at of this send, signed (see the relay)."""
+        headers = self.trust.seal(record.headers, record.key, record.value, now_ms())
+        return OutRecord(record.topic, record.key, record.value, headers)
+
+    def _subject(self, value: bytes) -> str | None:
+        """The claim or filing id a record is about (None for reports: taken from the
+        record they answer when logged)."""
+        try:
+            message = self.codec.decode(value)
+        except DecodeError:
+            return None
+        name = SUBJECT_OF.get(type(message))
+        return str(getattr(message, name)) if name is not None else None
+
+    def _audit_entry(
+        self, direction: str, record: OutRecord, where: Record | None = None
+    ) -> AuditEntry | None:
+        hdrs = text_headers(record.headers)
+        message_id = hdrs.get(H_MESSAGE_ID)
+        if message_id is None:
+            return None
+        return AuditEntry(
+            direction=direction,
+            at_ms=now_ms(),
+            topic=record.topic,
+            partition=where.partition if where is not None else None,
+            offset=where.offset if where is not None else None,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            message_id=message_id,
+            correlation_id=hdrs.get(H_CORRELATION_ID),
+            subject=self._subject(record.value),
+            signature=signature_of(record.headers),
+        )
+
+    def _describe_sent(self, wire: OutRecord) -> AuditEntry | None:
+        """The message-log entry of a record the broker acknowledged."""
+        return self._audit_entry(SENT, wire)
 
     def _envelope(self, message: Message, target: str, **extra: Any) -> Envelope:
         return Envelope(
@@ -773,6 +839,7 @@ class Node:
                 raise DecodeError(
                     "oversized", f"{size} bytes, over the contract's {MAX_RECORD_BYTES}"
                 )
+            verified = self._verify(rec)
             env = Envelope.from_headers(rec.headers)
             if rec.value is None:
                 raise DecodeError("malformed", "the record has no value")
@@ -788,7 +855,10 @@ class Node:
         for attempt in range(1, attempts + 1):
             try:
                 async with self.step():
-                    await self._step(rec, env, message)
+                    if self._accept(rec, verified):
+                        await self._step(rec, env, message)
+                    else:
+                        await self._dead_letter(rec, _replayed(rec))
                 return
             except Exception as exc:
                 failure = exc
@@ -811,7 +881,42 @@ class Node:
                     raise asyncio.CancelledError from exc
                 delay = min(delay * 2, self.settings.retry_max_ms / 1000)
         async with self.step():
-            await self._give_up(rec, env, message, failure)
+            if self._accept(rec, verified):
+                await self._give_up(rec, env, message, failure)
+
+    def _on_bus(self, province: str) -> bool:
+        """Whether ``province`` takes part in the bus (publishes a key; with checking off,
+        any province code)."""
+        verifier = self.trust.verifier
+        return verifier is None or bool(verifier.keys.of(province))
+
+    def _verify(self, rec: Record) -> Verified | None:
+        """Check the record's signature before anything else reads it (None: checking is
+        off). :class:`SignatureError` when it fails."""
+        verifier = self.trust.verifier
+        if verifier is None:
+            return None
+        try:
+            return verifier.verify(rec.headers, rec.key, rec.value, now_ms())
+        except SignatureError as exc:
+            self.metrics.inc("xsettle_signature_failures_total", kind=exc.kind)
+            raise
+
+    def _accept(self, rec: Record, verified: Verified | None) -> bool:
+        """Inside the record's step: False for a replay (the same signed record accepted
+        before at other coordinates); else log it as received, once."""
+        if verified is None:
+            return True
+        where = self.store.audit.received_at(verified.signature)
+        if where is None:
+            entry = self._audit_entry(RECEIVED, _stored(rec), rec)
+            if entry is not None:
+                self.store.audit.append([entry])
+            return True
+        if where == (rec.topic, rec.partition, rec.offset):
+            return True  # the same record delivered again (a crash before the commit)
+        self.metrics.inc("xsettle_signature_failures_total", kind="replayed")
+        return False
 
     async def _step(self, rec: Record, env: Envelope, message: Message) -> None:
         """The work of one decoded record, inside its step."""
@@ -826,7 +931,7 @@ class Node:
                 resent_answer=seen.answer is not None,
             )
             if seen.answer is not None:
-                self._emit(seen.answer)
+                self._emit(resent(seen.answer))
             return
         if self._is_answer(env, message):
             await self._on_answer(rec, env, message)
@@ -1131,23 +1236,36 @@ class Node:
             message_id=hdrs.get(H_MESSAGE_ID),
             source=sender,
         )
+        # Who hears of it: the claimed sender, and for a refused signature our own ops too.
+        # A report about a report goes to our ops only: two provinces that cannot read each
+        # other's reports must not answer each other for ever.
+        # A sender that publishes no key is no province on the bus: its error topic may not
+        # exist, and a report there would wait in the outbox for ever.
+        to: list[str] = []
+        if sender is not None and not self._on_bus(sender):
+            sender = None
+        if sender is not None and family_of_topic(rec.topic) != FAMILY_ERROR:
+            to.append(sender)
+        if isinstance(exc, SignatureError) or (sender is not None and not to):
+            to.append(self.province)
         async with self.step():
             self._emit(letter)
-            if sender is not None:
+            if to:
                 ref = None
                 with contextlib.suppress(DecodeError):
                     ref = Envelope.from_headers(rec.headers)
                 rep = report(
-                    ErrorCode.INVALID_MESSAGE,
+                    exc.code,
                     f"{rec.topic}@{rec.partition}:{rec.offset} cannot be read: {exc}",
                     detected_by=self.province,
-                    origin=sender,
-                    responsible=sender,
+                    origin=sender or "unknown",
+                    responsible=sender or self.province,
                     ref=ref,
                     record=rec,
                     details={"kind": exc.kind, "dlq_topic": letter.topic},
                 )
-                self._emit(self._report_out(rep, sender, rec.key, hdrs.get(H_MESSAGE_ID)))
+                for dest in dict.fromkeys(to):
+                    self._emit(self._report_out(rep, dest, rec.key, hdrs.get(H_MESSAGE_ID)))
 
     # --- deadlines ------------------------------------------------------------------------
     async def sweep(self) -> int:
@@ -1199,10 +1317,21 @@ class Node:
                     last_prune = time.monotonic()
                     async with self.step():
                         pruned = self.store.prune(now_ms() - self.settings.retention_s * 1000)
-                    self._log.debug("store_pruned", rows=pruned)
+                        logged = self.store.audit.prune(
+                            now_ms() - self.settings.audit_retention_days * 86_400_000
+                        )
+                    self._log.debug("store_pruned", rows=pruned, audit_entries=logged)
             except BusError as exc:
                 self._log.warning("sweep_failed", error=str(exc))
             await asyncio.sleep(interval)
+
+
+def _replayed(rec: Record) -> SignatureError:
+    return SignatureError(
+        "replayed",
+        f"{rec.topic}@{rec.partition}:{rec.offset} repeats a signed record accepted before "
+        "(same signature): a replay, not a re-send",
+    )
 
 
 def _stored(rec: Record) -> OutRecord:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
+from bus.audit import AuditEntry
 from bus.constants import FAMILY_DLQ, TOPIC_RE
 from bus.envelope import Envelope
 from bus.errors import BusError, DecodeError
@@ -55,11 +56,41 @@ def resent(record: OutRecord) -> OutRecord:
     return OutRecord(record.topic, record.key, record.value, env.resent().to_headers())
 
 
-class Relay:
-    """Sends committed outbox rows and forgets them once the broker has them."""
+Seal = Callable[[OutRecord], OutRecord]
+"""Turns a committed record into the record as it leaves now (sent-at, signature)."""
+Describe = Callable[[OutRecord], AuditEntry | None]
+"""The message-log entry of a record the broker acknowledged (None: not logged)."""
 
-    def __init__(self, store: Store, producer: Producer, metrics: Metrics, province: str) -> None:
+
+def unsealed(record: OutRecord) -> OutRecord:
+    """A :data:`Seal` that leaves the record as it is."""
+    return record
+
+
+class Relay:
+    """Sends committed outbox rows and forgets them once the broker has them.
+
+    Each record is *sealed* just before it is sent (``xs-sent-at`` of this send, signature):
+    a record that waited in the outbox while the broker was away still leaves with a fresh
+    sent-at the receiver's window accepts. Dead letters are copies and leave unchanged. What
+    the broker acknowledged is removed from the outbox and appended to the signed message
+    log in one write, exactly as it was sent.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        producer: Producer,
+        metrics: Metrics,
+        province: str,
+        *,
+        seal: Seal = unsealed,
+        describe: Describe | None = None,
+    ) -> None:
         self._store = store
+        self._seal = seal
+        self._describe = describe
+        self._logged: list[AuditEntry] = []
         self._producer = producer
         self._metrics = metrics
         self._log = log.bind(province=province)
@@ -134,6 +165,7 @@ class Relay:
         self._inflight.clear()
         self._queue.clear()
         self._acked.clear()
+        self._logged.clear()
 
     def dispatch(self, rows: Sequence[tuple[int, OutRecord]]) -> list[asyncio.Future[None]]:
         """Queue committed rows for sending, in commit order (so records about one key keep
@@ -160,17 +192,19 @@ class Relay:
     async def _send(
         self, row_id: int, record: OutRecord, done: asyncio.Future[None], delay: float
     ) -> None:
+        wire = record if family_of_topic(record.topic) == FAMILY_DLQ else self._seal(record)
         try:
-            fut = await self._producer.send(record.topic, record.key, record.value, record.headers)
+            fut = await self._producer.send(wire.topic, wire.key, wire.value, wire.headers)
         except BusError as exc:
             self._retry_later(row_id, record, done, delay, exc)
             return
-        fut.add_done_callback(lambda f: self._on_ack(row_id, record, done, delay, f))
+        fut.add_done_callback(lambda f: self._on_ack(row_id, record, wire, done, delay, f))
 
     def _on_ack(
         self,
         row_id: int,
         record: OutRecord,
+        wire: OutRecord,
         done: asyncio.Future[None],
         delay: float,
         fut: asyncio.Future[object],
@@ -183,6 +217,10 @@ class Relay:
             return
         self._metrics.inc("xsettle_messages_out_total", family=family_of_topic(record.topic))
         self._acked.append(row_id)
+        if self._describe is not None:
+            entry = self._describe(wire)
+            if entry is not None:
+                self._logged.append(entry)
         self._inflight.pop(row_id, None)
         done.set_result(None)
 
@@ -221,11 +259,14 @@ class Relay:
         if not self._acked:
             return
         ids, self._acked = self._acked, []
+        logged, self._logged = self._logged, []
         try:
             async with self._store.step():
                 self._store.outbox_sent(ids)
+                self._store.audit.append(logged)
         except BusError:
             self._acked.extend(ids)  # kept: removed at the next flush, or re-sent after a crash
+            self._logged[:0] = logged
             raise
 
     async def _flush_loop(self) -> None:

@@ -16,14 +16,14 @@ after all).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bus.db import Database, Step
+from bus.audit import AuditLog, SqliteAuditLog
+from bus.db import Database, Step, dump_headers, load_headers
 from bus.transport import Headers
 
 PENDING = "pending"
@@ -114,6 +114,9 @@ class Store(Protocol):
     """Durable state of one province node: steps (transactions), the outbox, pending
     requests and processed messages. Every method must be called inside a step of
     :meth:`step` when it writes (the node does so); reads work anywhere."""
+
+    audit: AuditLog
+    """The signed message log, in the same database (appended inside steps)."""
 
     def step(self) -> AbstractAsyncContextManager[Step]:
         """One transaction over the bus's and the back office's state (see :mod:`bus.db`)."""
@@ -272,43 +275,17 @@ _PENDING_COLUMNS = (
 )
 
 
-_LEN = struct.Struct(">HI")
-"""Header blob framing: key length (2 bytes), value length (4 bytes), then both."""
-
-
-def _dump_headers(headers: Headers) -> bytes:
-    """Headers as one blob (cheaper than JSON and byte-exact)."""
-    out = bytearray()
-    for k, v in headers:
-        kb = k.encode("utf-8")
-        out += _LEN.pack(len(kb), len(v)) + kb + v
-    return bytes(out)
-
-
-def _load_headers(blob: bytes) -> Headers:
-    pairs = []
-    pos = 0
-    while pos < len(blob):
-        klen, vlen = _LEN.unpack_from(blob, pos)
-        pos += _LEN.size
-        key = blob[pos : pos + klen].decode("utf-8")
-        pos += klen
-        pairs.append((key, bytes(blob[pos : pos + vlen])))
-        pos += vlen
-    return tuple(pairs)
-
-
 def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
     (mid, mtype, target, topic, key, value, headers, attempt, sent, deadline, state,
      a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
     answer = None
     if a_topic is not None:
-        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), _load_headers(bytes(a_headers)))
+        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), load_headers(bytes(a_headers)))
     return PendingRequest(
         message_id=str(mid),
         message_type=str(mtype),
         target=str(target),
-        record=OutRecord(str(topic), _b(key), bytes(value), _load_headers(bytes(headers))),
+        record=OutRecord(str(topic), _b(key), bytes(value), load_headers(bytes(headers))),
         attempt=int(attempt),
         sent_at_ms=int(sent),
         deadline_ms=int(deadline),
@@ -329,7 +306,7 @@ def _row_to_obligation(row: tuple[Any, ...]) -> Obligation:
      a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
     answer = None
     if a_topic is not None:
-        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), _load_headers(bytes(a_headers)))
+        answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), load_headers(bytes(a_headers)))
     return Obligation(
         request_id=str(rid),
         request_type=str(rtype),
@@ -355,6 +332,7 @@ class SqliteStore:
         self.db = db if isinstance(db, Database) else Database(db)
         self.path = self.db.path
         self.db.migrate(_SCHEMA)
+        self.audit: AuditLog = SqliteAuditLog(self.db)
 
     def step(self) -> AbstractAsyncContextManager[Step]:
         return self.db.step()
@@ -370,7 +348,7 @@ class SqliteStore:
         with self.db.write() as cur:
             cur.execute(
                 "INSERT INTO outbox (topic, key, value, headers) VALUES (?,?,?,?)",
-                (record.topic, record.key, record.value, _dump_headers(record.headers)),
+                (record.topic, record.key, record.value, dump_headers(record.headers)),
             )
             row_id = cur.lastrowid
         assert row_id is not None
@@ -382,7 +360,7 @@ class SqliteStore:
             (after_id, limit),
         )
         return [
-            (int(i), OutRecord(str(t), _b(k), bytes(v), _load_headers(bytes(h))))
+            (int(i), OutRecord(str(t), _b(k), bytes(v), load_headers(bytes(h))))
             for i, t, k, v, h in rows
         ]
 
@@ -399,7 +377,7 @@ class SqliteStore:
         with self.db.write() as cur:
             cur.execute(
                 "UPDATE outbox SET headers = ? WHERE id = ?",
-                (_dump_headers(record.headers), row_id),
+                (dump_headers(record.headers), row_id),
             )
 
     # --- pending requests -----------------------------------------------------------------
@@ -410,7 +388,7 @@ class SqliteStore:
                 f"INSERT OR IGNORE INTO pending ({_PENDING_COLUMNS}) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
                 (request.message_id, request.message_type, request.target, r.topic, r.key,
-                 r.value, _dump_headers(r.headers), request.attempt, request.sent_at_ms,
+                 r.value, dump_headers(r.headers), request.attempt, request.sent_at_ms,
                  request.deadline_ms, request.state),
             )  # fmt: skip
 
@@ -448,7 +426,7 @@ class SqliteStore:
                     "answer_value = ?, answer_headers = ?, answered_at_ms = ? "
                     "WHERE message_id = ?",
                     (new, answer.topic, answer.key, answer.value,
-                     _dump_headers(answer.headers), at_ms, message_id),
+                     dump_headers(answer.headers), at_ms, message_id),
                 )  # fmt: skip
             return request.state, request
 
@@ -486,7 +464,7 @@ class SqliteStore:
         with self.db.write() as cur:
             cur.execute(
                 "UPDATE pending SET attempt = attempt + 1, headers = ? WHERE message_id = ?",
-                (_dump_headers(record.headers), message_id),
+                (dump_headers(record.headers), message_id),
             )
 
     def pending_requests(self, limit: int) -> list[PendingRequest]:
@@ -512,9 +490,7 @@ class SqliteStore:
         topic, key, value, headers = rows[0]
         if topic is None:
             return Processed(None)
-        return Processed(
-            OutRecord(str(topic), _b(key), bytes(value), _load_headers(bytes(headers)))
-        )
+        return Processed(OutRecord(str(topic), _b(key), bytes(value), load_headers(bytes(headers))))
 
     def mark_processed(
         self, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int
@@ -528,7 +504,7 @@ class SqliteStore:
                     answer.topic if answer else None,
                     answer.key if answer else None,
                     answer.value if answer else None,
-                    _dump_headers(answer.headers) if answer else None,
+                    dump_headers(answer.headers) if answer else None,
                     at_ms,
                 ),
             )
@@ -550,7 +526,7 @@ class SqliteStore:
         return _row_to_obligation(rows[0]) if rows else None
 
     def settle_obligation(self, request_id: str, answer: OutRecord, at_ms: int) -> None:
-        headers = _dump_headers(answer.headers)
+        headers = dump_headers(answer.headers)
         with self.db.write() as cur:
             cur.execute(
                 "UPDATE obligations SET state = ?, answer_topic = ?, answer_key = ?, "

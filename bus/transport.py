@@ -148,6 +148,7 @@ class Producer:
             # Room for a dead letter of a record at the contract's limit (the client's default
             # of 1 MiB is the limit itself, so that dead letter failed).
             max_request_size=MAX_REQUEST_BYTES,
+            **settings.kafka_security(),
         )
 
     async def start(self) -> None:
@@ -281,6 +282,7 @@ class Consumer:
             max_partition_fetch_bytes=MAX_REQUEST_BYTES,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             metadata_max_age_ms=5_000,
+            **settings.kafka_security(),
         )
         self._max_records = settings.fetch_max_records
         self._from_beginning = from_beginning
@@ -536,6 +538,7 @@ class Admin:
             bootstrap_servers=self._bootstrap,
             client_id=f"{self._settings.client_id}-admin",
             request_timeout_ms=self._settings.request_timeout_ms,
+            **self._settings.kafka_security(),
         )
         try:
             await self._admin.start()

@@ -5,15 +5,23 @@ Figures, each the median of ``--repeat`` runs with min and max:
 1. **raw** — the floor: aiokafka alone doing request/answer echo (a ClaimPackage-sized request,
    a ReviewResult-sized answer on a reply topic), many in flight, no group.
 2. **bus** — the same through :class:`~bus.node.Node` (codec, headers, durable pending store,
-   idempotent receiver, commits) with a trivial handler; ratio to raw.
+   idempotent receiver, commits, Ed25519 signing and checking, the message log) with a trivial
+   handler; ratio to raw. Measured twice in the same run, runs interleaved: signed (the demo
+   keys, as every node runs) and with :meth:`~bus.signing.Trust.off` on both nodes (another
+   pair of provinces), and the ratio of the two.
 3. **e2e** — claims settled through the real adapters (home review, host settlement); ratio
    to raw.
-4. **latency** — bus round trips at a fixed offered load (half the bus's throughput): p50, p99,
-   p99.9.
+4. **latency** — bus round trips at a fixed offered load (half the signed bus's throughput):
+   p50, p99, p99.9; signed and unsigned at the same load.
 5. **codec** — encode/decode per second per family against fastavro's schemaless
    writer/reader on the same records.
 6. **growth** — the pending store with 10k/100k/1M pending requests (RSS growth, file size, one
    deadline sweep and its query), and 2/8/32 provinces (topic creation, start-up to assignment).
+7. **signing** — per record, in microseconds (p50 and p99 of each run's iterations):
+   :meth:`~bus.signing.Signer.sign`, :meth:`~bus.signing.Verifier.verify` and
+   :func:`~bus.signing.canonical` alone on a ten-item ClaimPackage record, and the receiving
+   node's whole trust work on one record (its ``_verify`` and ``_accept``: the check, the
+   replay look-up and the message-log append on a temporary SQLite file).
 
 This module may import aiokafka directly: the raw floor must not go through the bus's own
 transport wrappers, or it would not be a floor.
@@ -52,6 +60,8 @@ from adapters.fixtures import LAO_ZHANG_HOSPITAL, lao_zhang_items
 from adapters.province import ProvinceSystem
 from bus.broker import create_contract_topics, running_broker
 from bus.codec import Codec
+from bus.constants import FAMILY_CLAIM, FAMILY_REPLY, topic
+from bus.db import dump_headers
 from bus.envelope import Envelope, new_id, now_ms
 from bus.models import (
     ClaimItem,
@@ -70,10 +80,11 @@ from bus.models import (
 )
 from bus.node import Answer, Context, Node
 from bus.settings import BusSettings
+from bus.signing import SIGNATURE_HEADERS, Trust, canonical, signature_of
 from bus.store import _PENDING_COLUMNS, PENDING, OutRecord, PendingRequest, SqliteStore
-from bus.store import _dump_headers as dump_headers
-from bus.transport import Admin
+from bus.transport import Admin, Record
 from simulators import samples
+from simulators.keys import demo_trust, without_keys
 
 AT = dt.datetime(2026, 5, 8, 9, 30, tzinfo=dt.UTC)
 WINDOW = 500
@@ -100,6 +111,8 @@ class Sizes:
     store: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     sweep: int = 1_000
     provinces: tuple[int, ...] = (2, 8, 32)
+    signing: int = 5_000
+    """Iterations per run of each signing figure."""
 
 
 FULL = Sizes()
@@ -112,6 +125,7 @@ QUICK = Sizes(
     codec=500,
     store=(10_000,),
     provinces=(2,),
+    signing=1_000,
 )
 TINY = Sizes(
     raw=200,
@@ -123,6 +137,7 @@ TINY = Sizes(
     store=(2_000,),
     sweep=100,
     provinces=(2,),
+    signing=100,
 )
 """For the smoke test."""
 
@@ -224,7 +239,7 @@ def relabelled_directory(home: str, host: str) -> Directory:
     """The default directory with Hebei (13) renamed ``home`` and Hainan (46) ``host``, so
     the end-to-end run can use provinces no one else on the broker uses."""
     names = {"13": home[:2], "46": host[:2]}
-    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    text = without_keys(DEFAULT_PATH.read_text(encoding="utf-8"))
     text = re.sub(
         r'"(H?)(13|46)(\d{4,})"',
         lambda m: f'"{m.group(1)}{names[m.group(2)]}{m.group(3)}"',
@@ -270,6 +285,7 @@ class RawEcho:
             linger_ms=s.linger_ms,
             max_batch_size=s.max_batch_size,
             enable_idempotence=False,
+            **s.kafka_security(),
         )
 
     def _consumer(self, topic_name: str) -> AIOKafkaConsumer:
@@ -281,6 +297,7 @@ class RawEcho:
             auto_offset_reset="earliest",
             max_poll_records=s.fetch_max_records,
             fetch_max_wait_ms=s.fetch_max_wait_ms,
+            **s.kafka_security(),
         )
         consumer.assign([TopicPartition(topic_name, p) for p in range(s.partitions)])
         return consumer
@@ -340,13 +357,24 @@ class RawEcho:
 
 # --- 2 and 4. the bus ---------------------------------------------------------------------------
 class BusEcho:
-    """Two nodes: the requester sends ClaimPackages, the responder answers a fixed review."""
+    """Two nodes: the requester sends ClaimPackages, the responder answers a fixed review.
+    ``signed=False`` runs both with :meth:`Trust.off` (nothing signed, nothing checked)."""
 
     def __init__(
-        self, settings: BusSettings, bootstrap: str, requester: str, responder: str
+        self,
+        settings: BusSettings,
+        bootstrap: str,
+        requester: str,
+        responder: str,
+        *,
+        signed: bool = True,
     ) -> None:
-        self.requester = Node(requester, settings, bootstrap=bootstrap)
-        self.responder = Node(responder, settings, bootstrap=bootstrap)
+        def trust(province: str) -> Trust:
+            return demo_trust(province, settings) if signed else Trust.off()
+
+        self.signed = signed
+        self.requester = Node(requester, settings, bootstrap=bootstrap, trust=trust(requester))
+        self.responder = Node(responder, settings, bootstrap=bootstrap, trust=trust(responder))
         self.host_region = requester[:2] + "0100"
         self.home_region = responder[:2] + "0100"
         self.provinces = [requester, responder]
@@ -361,9 +389,16 @@ class BusEcho:
         self._seq = 0
         self._tasks: set[asyncio.Task[str]] = set()
         self._template = bench_claim(self.home_region, self.host_region, "C-0", "1" * 18)
+        self.handled = 0
+        """Requests the responder handled."""
+        self.handled_signed = 0
+        """Of those, how many carried a signature (all when signed, none when not)."""
 
         @self.responder.on(ClaimPackage)
         async def answer(message: Any, ctx: Context) -> ReviewResult:
+            self.handled += 1
+            if signature_of(ctx.record.headers) is not None:
+                self.handled_signed += 1
             return bench_review(message.claim_id)
 
         @self.requester.on_answer(ClaimPackage)
@@ -391,7 +426,7 @@ class BusEcho:
 
     def _send(self) -> None:
         self._seq += 1
-        claim_id = f"C-{self._seq}"
+        claim_id = f"C-{self.host_region}-{self._seq}"
         claim = self._template.model_copy(
             update={"claim_id": claim_id, "person_id": f"130102195001{self._seq % 100_000:05d}X"}
         )
@@ -480,7 +515,7 @@ class EndToEnd:
             )
             await self.home.home.file(
                 FilingUpload(
-                    filing_id=f"F-{pid}",
+                    filing_id=f"F-{self.home_region}-{i}",
                     action=FilingAction.CREATE,
                     person_id=pid,
                     person_name="张建国",
@@ -708,8 +743,8 @@ async def bench_provinces(
     topics_s = time.perf_counter() - began
     startup: list[float] = []
     for _ in range(repeat):
-        nodes = [Node(c, settings.model_copy(update={"state_dir": state}), bootstrap=bootstrap)
-                 for c in codes]  # fmt: skip
+        nodes = [Node(c, settings.model_copy(update={"state_dir": state}), bootstrap=bootstrap,
+                      trust=demo_trust(c)) for c in codes]  # fmt: skip
         began = time.perf_counter()
         try:
             await asyncio.gather(*(n.start() for n in nodes))
@@ -724,6 +759,135 @@ async def bench_provinces(
         "topics_created": created,
         "topics_create_s": topics_s,
         "startup_to_assigned_s": stat(startup, "s"),
+    }
+
+
+# --- 7. signing ---------------------------------------------------------------------------------
+def per_record_us(runs: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Per-record cost in microseconds: p50 and p99 of each run's iterations, each as median,
+    min and max over the runs."""
+    p50: list[float] = []
+    p99: list[float] = []
+    for run in runs:
+        ordered = sorted(run)
+        p50.append(percentile(ordered, 50))
+        p99.append(percentile(ordered, 99))
+    return {"p50_us": stat(p50, "µs"), "p99_us": stat(p99, "µs")}
+
+
+def _timed_us(n: int, fn: Callable[[], object]) -> list[float]:
+    """Each of ``n`` calls of ``fn``, in microseconds."""
+    clock = time.perf_counter_ns
+    out: list[float] = []
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        out.append((clock() - t0) / 1000)
+    return out
+
+
+def signed_claim_record(
+    codec: Codec, trust: Trust, sender: str, receiver: str, offset: int
+) -> Record:
+    """A ClaimPackage request from ``sender`` to ``receiver`` as the receiver's consumer
+    reads it: ten items, a fresh message id, sent (stamped and sealed) now."""
+    claim = bench_claim(receiver[:2] + "0100", sender[:2] + "0100", f"C-{offset}", "1" * 18)
+    sent = now_ms()
+    env = Envelope(
+        message_id=new_id(),
+        message_type=claim.avro_name,
+        source=sender,
+        target=receiver,
+        sent_at_ms=sent,
+        reply_to=topic(FAMILY_REPLY, sender),
+        deadline_ms=sent + 3_600_000,
+    )
+    key, value = claim.person_id.encode(), codec.encode(claim)
+    headers = trust.seal(env.to_headers(), key, value, sent)
+    return Record(topic(FAMILY_CLAIM, receiver), 0, offset, sent, key, value, headers)
+
+
+def bench_signing(
+    settings: BusSettings, n: int, repeat: int, folder: Path, sender: str, receiver: str
+) -> dict[str, Any]:
+    """Per record, microseconds: ``Signer.sign``, ``Verifier.verify`` and ``canonical`` on one
+    ClaimPackage record; then the receiving node's trust work on ``n`` fresh records per run
+    (``Node._verify``, then ``Node._accept``: the replay look-up and the message-log append).
+    The node is never started: its store is a temporary SQLite file. Outside a step each
+    append commits on its own; in a running node it shares the record's step commit, so the
+    receive figures are an upper bound."""
+    codec = Codec()
+    sending = demo_trust(sender, settings)
+    assert sending.signer is not None
+    signer = sending.signer
+    receiving = demo_trust(receiver, settings)
+    verifier = receiving.verifier
+    assert verifier is not None
+    sample = signed_claim_record(codec, sending, sender, receiver, 0)
+    key, value, signed = sample.key, sample.value or b"", sample.headers
+    unsigned = tuple((k, v) for k, v in signed if k not in SIGNATURE_HEADERS)
+
+    def sign() -> object:
+        return signer.sign(unsigned, key, value)
+
+    def verify() -> object:
+        return verifier.verify(signed, key, value, now_ms())
+
+    def canon() -> object:
+        return canonical(signed, key, value)
+
+    sign()  # warm-up (key objects, code paths)
+    verify()
+    signs = [_timed_us(n, sign) for _ in range(repeat)]
+    verifies = [_timed_us(n, verify) for _ in range(repeat)]
+    canons = [_timed_us(n, canon) for _ in range(repeat)]
+
+    path = folder / f"signing-{receiver}.sqlite3"
+    store = SqliteStore(path)
+    node = Node(receiver, settings, bootstrap="unused:9092", trust=receiving, store=store)
+    clock = time.perf_counter_ns
+    checks: list[list[float]] = []
+    accepts: list[list[float]] = []
+    totals: list[list[float]] = []
+    try:
+        for r in range(repeat):
+            records = [
+                signed_claim_record(codec, sending, sender, receiver, r * n + i) for i in range(n)
+            ]
+            check: list[float] = []
+            accept: list[float] = []
+            for rec in records:
+                t0 = clock()
+                verified = node._verify(rec)
+                t1 = clock()
+                accepted = node._accept(rec, verified)
+                t2 = clock()
+                if verified is None or not accepted:
+                    raise RuntimeError("the bench's record was not verified and accepted")
+                check.append((t1 - t0) / 1000)
+                accept.append((t2 - t1) / 1000)
+            checks.append(check)
+            accepts.append(accept)
+            totals.append([a + b for a, b in zip(check, accept, strict=True)])
+        logged = store.audit.count()
+    finally:
+        store.close()
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            p.unlink(missing_ok=True)
+    return {
+        "iterations": n,
+        "value_bytes": len(value),
+        "headers": len(signed),
+        "header_bytes": sum(len(k) + len(v) for k, v in signed),
+        "canonical_bytes": len(canonical(signed, key, value)),
+        "items": len(items10()),
+        "sign": per_record_us(signs),
+        "verify": per_record_us(verifies),
+        "canonical": per_record_us(canons),
+        "receive_verify": per_record_us(checks),
+        "receive_accept": per_record_us(accepts),
+        "receive_total": per_record_us(totals),
+        "audit_entries": logged,
     }
 
 
@@ -746,6 +910,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def latency_figures(rate: float, seconds: float, runs: dict[str, list[float]]) -> dict[str, Any]:
+    """The latency figure from each run's p50, p99 and p99.9 (milliseconds)."""
+    return {
+        "offered_per_s": rate,
+        "seconds_per_run": seconds,
+        "p50_ms": stat(runs["p50"], "ms"),
+        "p99_ms": stat(runs["p99"], "ms"),
+        "p999_ms": stat(runs["p999"], "ms"),
+    }
+
+
 @dataclass
 class Plan:
     """What one bench run does."""
@@ -753,23 +928,26 @@ class Plan:
     sizes: Sizes
     repeat: int
     bus_pair: tuple[str, str]
+    """Requester and responder of the signed bus run."""
     e2e_pair: tuple[str, str]
     province_codes: dict[int, list[str]]
+    unsigned_pair: tuple[str, str]
+    """Requester and responder of the unsigned bus run (its own topics and groups)."""
     profile: Path | None = None
     log: Callable[[str], None] = field(default=lambda s: None)
 
 
 def make_plan(sizes: Sizes, repeat: int, *, taken: Sequence[str] = ()) -> Plan:
     """Province codes for every part, none shared between parts."""
-    needed = 2 + sum(sizes.provinces)
+    needed = 4 + sum(sizes.provinces)
     codes = free_provinces(needed, taken)
-    bus_pair = (codes[0], codes[1])
+    bus_pair, unsigned_pair = (codes[0], codes[1]), (codes[2], codes[3])
     groups: dict[int, list[str]] = {}
-    at = 2
+    at = 4
     for n in sizes.provinces:
         groups[n] = codes[at : at + n]
         at += n
-    return Plan(sizes, repeat, bus_pair, (DEFAULT_HOME, DEFAULT_HOST), groups)
+    return Plan(sizes, repeat, bus_pair, (DEFAULT_HOME, DEFAULT_HOST), groups, unsigned_pair)
 
 
 async def run_bench(
@@ -800,35 +978,55 @@ async def run_bench(
         "window": WINDOW,
     }
 
-    say("bus round trips")
+    say("bus round trips, signed and unsigned (runs interleaved)")
     echo = BusEcho(node_settings, bootstrap, *plan.bus_pair)
-    await echo.start()
-    try:
-        await echo.run(min(sizes.bus, 100))  # warm-up
-        bus_runs = await repeat_async(repeat, lambda: echo.run(sizes.bus))
+    bare = BusEcho(node_settings, bootstrap, *plan.unsigned_pair, signed=False)
+    async with contextlib.AsyncExitStack() as running:
+        for pair in (echo, bare):
+            await pair.start()
+            running.push_async_callback(pair.stop)
+        for pair in (echo, bare):
+            await pair.run(min(sizes.bus, 100))  # warm-up
+        bus_runs: list[float] = []
+        bare_runs: list[float] = []
+        for _ in range(repeat):
+            bus_runs.append(await echo.run(sizes.bus))
+            bare_runs.append(await bare.run(sizes.bus))
         bus_median = statistics.median(bus_runs)
+        bare_median = statistics.median(bare_runs)
         results["bus"] = {
             "round_trips_per_s": stat(bus_runs, "1/s"),
             "ratio_to_raw": bus_median / raw_median,
             "window": WINDOW,
+            "signed": True,
+            "handled": echo.handled,
+            "handled_signed": echo.handled_signed,
+        }
+        results["bus_unsigned"] = {
+            "round_trips_per_s": stat(bare_runs, "1/s"),
+            "ratio_to_raw": bare_median / raw_median,
+            "signed_to_unsigned": bus_median / bare_median,
+            "window": WINDOW,
+            "signed": False,
+            "handled": bare.handled,
+            "handled_signed": bare.handled_signed,
         }
         rate = bus_median / 2
-        say(f"latency at {rate:.0f}/s")
-        p50: list[float] = []
-        p99: list[float] = []
-        p999: list[float] = []
+        say(f"latency at {rate:.0f}/s, signed and unsigned")
+        on: dict[str, list[float]] = {"p50": [], "p99": [], "p999": []}
+        off: dict[str, list[float]] = {"p50": [], "p99": [], "p999": []}
         for _ in range(repeat):
-            lat = await echo.run_latency(rate, sizes.latency_s)
-            p50.append(percentile(lat, 50) * 1000)
-            p99.append(percentile(lat, 99) * 1000)
-            p999.append(percentile(lat, 99.9) * 1000)
-        results["latency"] = {
-            "offered_per_s": rate,
-            "seconds_per_run": sizes.latency_s,
-            "p50_ms": stat(p50, "ms"),
-            "p99_ms": stat(p99, "ms"),
-            "p999_ms": stat(p999, "ms"),
-        }
+            for pair, into in ((echo, on), (bare, off)):
+                lat = await pair.run_latency(rate, sizes.latency_s)
+                into["p50"].append(percentile(lat, 50) * 1000)
+                into["p99"].append(percentile(lat, 99) * 1000)
+                into["p999"].append(percentile(lat, 99.9) * 1000)
+        results["latency"] = latency_figures(rate, sizes.latency_s, on)
+        results["latency_unsigned"] = latency_figures(rate, sizes.latency_s, off)
+        for q in ("p50", "p99"):
+            results["latency_unsigned"][f"{q}_signed_to_unsigned"] = statistics.median(
+                on[q]
+            ) / statistics.median(off[q])
         if plan.profile is not None:
             say(f"profiling one bus run into {plan.profile}")
             profiler = cProfile.Profile()
@@ -836,8 +1034,6 @@ async def run_bench(
             await echo.run(sizes.bus)
             profiler.disable()
             profiler.dump_stats(str(plan.profile))
-    finally:
-        await echo.stop()
 
     say("end to end (home review + host settlement)")
     e2e = EndToEnd(node_settings, bootstrap, state, *plan.e2e_pair)
@@ -856,6 +1052,11 @@ async def run_bench(
 
     say("codec")
     results["codec"] = bench_codec(sizes.codec, repeat)
+
+    say("signing (per record)")
+    results["signing"] = bench_signing(
+        node_settings, sizes.signing, repeat, state, *plan.unsigned_pair
+    )
 
     say("pending store growth")
     results["store"] = bench_store(sizes.store, sizes.sweep, repeat, state)
@@ -900,19 +1101,42 @@ def table(doc: dict[str, Any]) -> str:
 
     add("raw aiokafka echo", r["raw"]["round_trips_per_s"], "rt/s", "floor")
     add("bus round trip", r["bus"]["round_trips_per_s"], "rt/s",
-        f"{r['bus']['ratio_to_raw']:.3f} x raw")  # fmt: skip
+        f"{r['bus']['ratio_to_raw']:.3f} x raw, signed")  # fmt: skip
+    bare = r["bus_unsigned"]
+    cost = f"signed = {bare['signed_to_unsigned']:.2f} x this"
+    add("bus round trip, unsigned", bare["round_trips_per_s"], "rt/s",
+        f"{bare['ratio_to_raw']:.3f} x raw; {cost}")  # fmt: skip
     add("end to end", r["e2e"]["claims_per_s"], "claims/s",
         f"{r['e2e']['ratio_to_raw']:.3f} x raw")  # fmt: skip
     lat = r["latency"]
     offered = f"at {lat['offered_per_s']:.0f}/s"
-    add("latency p50", lat["p50_ms"], "ms", offered)
-    add("latency p99", lat["p99_ms"], "ms", offered)
-    add("latency p99.9", lat["p999_ms"], "ms", offered)
+    add("latency p50", lat["p50_ms"], "ms", offered + ", signed")
+    add("latency p99", lat["p99_ms"], "ms", offered + ", signed")
+    add("latency p99.9", lat["p999_ms"], "ms", offered + ", signed")
+    bare_lat = r["latency_unsigned"]
+    add("latency p50, unsigned", bare_lat["p50_ms"], "ms",
+        f"{offered}; signed = {bare_lat['p50_signed_to_unsigned']:.2f} x this")  # fmt: skip
+    add("latency p99, unsigned", bare_lat["p99_ms"], "ms",
+        f"{offered}; signed = {bare_lat['p99_signed_to_unsigned']:.2f} x this")  # fmt: skip
+    add("latency p99.9, unsigned", bare_lat["p999_ms"], "ms", offered)
     for family, c in r["codec"].items():
         add(f"codec encode {family}", c["encode_per_s"], "1/s",
             f"{c['encode_ratio']:.2f} x fastavro ({c['bytes']} B)")  # fmt: skip
         add(f"codec decode {family}", c["decode_per_s"], "1/s",
             f"{c['decode_ratio']:.2f} x fastavro")  # fmt: skip
+    sig = r["signing"]
+    for name, key, note in (
+        ("sign", "sign", f"Signer.sign, ClaimPackage of {sig['items']} items, "
+         f"{sig['canonical_bytes']} B signed"),
+        ("verify", "verify", "Verifier.verify"),
+        ("canonical", "canonical", "canonical() alone"),
+        ("receive _verify", "receive_verify", "in the receiving node"),
+        ("receive _accept", "receive_accept", "replay look-up + message-log append, "
+         "own commit per record"),
+        ("receive trust work", "receive_total", "_verify + _accept, per record"),
+    ):  # fmt: skip
+        p99 = f"p99 {_fmt(sig[key]['p99_us']['median'])} µs"
+        add(f"{name} p50", sig[key]["p50_us"], "µs", f"{p99}; {note}" if note else p99)
     for size, s in r["store"].items():
         note = (f"+{s['rss_growth_mb']:.1f} MB RSS, {s['file_mb']:.0f} MB file, "
                 f"bulk insert {s['insert_s']:.1f} s, one add_pending "
@@ -969,7 +1193,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench``."""
     from simulators.cli import add_bootstrap
 
-    p = sub.add_parser("bench", help="throughput, latency and growth of the bus vs raw Kafka")
+    p = sub.add_parser(
+        "bench", help="throughput, latency, growth and signing cost of the bus vs raw Kafka"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, < 60 s)")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3)")
     p.add_argument("--json", default="reports/bench.json", help="JSON report path")

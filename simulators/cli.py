@@ -25,6 +25,8 @@ SUBCOMMAND_MODULES = (
     "simulators.cli_ops",
     "simulators.chaos",
     "simulators.fuzz",
+    "simulators.cli_audit",
+    "simulators.cli_keys",
 )
 """Modules that add their own subcommands with ``register(subparsers)`` when present."""
 

@@ -326,9 +326,9 @@ class Simulation:
                 deadline_ms=now_ms() + 60_000,
             )
             value = b"\xc3\x01" + self.rng.randbytes(24)  # a marker, then nonsense
-            await self.systems[v.host].node.send_raw(
-                topic("claim", home), v.person.person_id.encode(), value, env.to_headers()
-            )
+            node, key = self.systems[v.host].node, v.person.person_id.encode()
+            signed = node.trust.seal(env.to_headers(), key, value, now_ms())  # honest, signed
+            await node.send_raw(topic("claim", home), key, value, signed)
 
     async def silence(self) -> None:
         """Stop the silent home for a while (instant claims to it fall back), then restart."""

@@ -70,7 +70,7 @@ from bus.constants import (
 )
 from bus.deadletter import parse_dead_letter
 from bus.envelope import Envelope, new_id, now_ms
-from bus.errors import BusError
+from bus.errors import BusError, DecodeError
 from bus.logs import configure
 from bus.models import ErrorReport, Message
 from bus.settings import BusSettings
@@ -85,6 +85,7 @@ from bus.transport import (
     write_raw_records,
 )
 from simulators import samples
+from simulators.keys import sign_as
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +140,9 @@ MUTATIONS: dict[str, int] = {
     "far_date": 4,
     "wrong_reply_to": 5,
     "duplicate": 3,
+    "unsigned": 4,
+    "forged_signature": 3,
+    "tampered_after_signing": 3,
 }
 """Mutation kinds and their relative weights; ``oversized`` records are added by count."""
 
@@ -331,24 +335,24 @@ def template(family: str, n: int, parties: Parties) -> tuple[str, Message, Envel
         message = samples.filing(
             home=parties.sender_home_region, host=parties.province_region, person=person
         )
-        message = message.model_copy(update={"filing_id": f"FZ-F-{n}"})
+        message = message.model_copy(update={"filing_id": f"F-{s}-FZ{n}"})
         dest, extra = topic(FAMILY_FILING, p), request
     elif family == "claim":
         message = samples.claim(
             home=parties.province_home_region,
             host=parties.sender_host_region,
-            claim_id=f"FZ-C-{n}",
+            claim_id=f"C-{s}-FZ{n}",
             person=person,
         )
         dest, extra = topic(FAMILY_CLAIM, p), request
     elif family == "notice":
-        message = samples.notice().model_copy(update={"claim_id": f"FZ-C-{n}"})
+        message = samples.notice().model_copy(update={"claim_id": f"C-{s}-FZ{n}"})
         dest, extra = topic(FAMILY_SETTLEMENT, p), {}
     elif family == "receipt":
         message = samples.receipt().model_copy(update={"person_id": person})
         dest, extra = topic(FAMILY_REPLY, p), answer
     elif family == "review":
-        message, dest, extra = samples.review(f"FZ-C-{n}"), topic(FAMILY_REPLY, p), answer
+        message, dest, extra = samples.review(f"C-{s}-FZ{n}"), topic(FAMILY_REPLY, p), answer
     elif family == "error":
         message, dest, extra = samples.error_report(), topic(FAMILY_ERROR, p), answer
     else:
@@ -366,6 +370,18 @@ def template(family: str, n: int, parties: Parties) -> tuple[str, Message, Envel
 
 def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name.encode("utf-8"), value) for name, value in headers]
+
+
+def _signed(
+    province: str, headers: list[tuple[bytes, bytes]], key: bytes | None, value: bytes
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` signed with ``province``'s demo key; unchanged when a header name is not
+    UTF-8 or a signed header appears twice (such a record cannot be signed at all)."""
+    try:
+        text = tuple((k.decode("utf-8"), v) for k, v in headers)
+        return _raw_headers(sign_as(province, text, key, value))
+    except (UnicodeDecodeError, DecodeError):
+        return headers
 
 
 def _set_header(headers: list[tuple[bytes, bytes]], name: str, value: bytes) -> None:
@@ -412,15 +428,17 @@ class Planner:
         *,
         value: bytes | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        signer: str | None = "",
     ) -> Planned:
+        """The record as planned; signed by ``signer``'s demo key ("": the sender, as a
+        real province signs even the malformed records it sends; None: unsigned)."""
         key = getattr(message, "person_id", "").encode("utf-8") or None
+        value = self.codec.encode(message) if value is None else value
+        raw = list(headers if headers is not None else _raw_headers(env.to_headers()))
+        if signer is not None:
+            raw = _signed(signer or self.parties.sender, raw, key, value)
         return Planned(
-            kind=kind,
-            family=family,
-            topic=dest,
-            key=key,
-            value=self.codec.encode(message) if value is None else value,
-            headers=tuple(headers if headers is not None else _raw_headers(env.to_headers())),
+            kind=kind, family=family, topic=dest, key=key, value=value, headers=tuple(raw)
         )
 
     def plan(self, records: int, oversized: int) -> list[Planned]:
@@ -456,8 +474,19 @@ class Planner:
         dest, message, env = template(family, self._n, self.parties)
         value = self.codec.encode(message)
         headers = _raw_headers(env.to_headers())
+        signer: str | None = ""
         if kind in ("valid", "duplicate"):
-            pass
+            pass  # the second copy of a duplicate is a replay of the same signed record
+        elif kind == "unsigned":
+            signer = None
+        elif kind == "forged_signature":  # a third province signs as the sender
+            signer = next(c for c in ("530000", "620000", "440000") if c != self.parties.sender)
+        elif kind == "tampered_after_signing":
+            key = getattr(message, "person_id", "").encode("utf-8") or None
+            headers = _signed(self.parties.sender, headers, key, value)
+            flipped = bytearray(value)
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            value, signer = bytes(flipped), None
         elif kind == "oversized":
             if rng.random() < 0.5:  # a valid message with junk after it
                 value = value + rng.randbytes(OVERSIZED_BYTES - len(value))
@@ -526,7 +555,9 @@ class Planner:
             _set_header(headers, H_REPLY_TO, rng.choice(choices).encode())
         else:
             raise ValueError(f"unknown mutation {kind!r}")
-        planned = self._planned(kind, family, dest, message, env, value=value, headers=headers)
+        planned = self._planned(
+            kind, family, dest, message, env, value=value, headers=headers, signer=signer
+        )
         if planned.raw:
             return replace(planned, partition=rng.randrange(1 << 16))
         return planned

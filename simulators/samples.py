@@ -35,7 +35,7 @@ PERSON = "130102195001011234"
 def filing(home: str = "130100", host: str = "460100", person: str = PERSON) -> FilingUpload:
     """A CREATE filing from ``home`` region to ``host`` region."""
     return FilingUpload(
-        filing_id="F-1",
+        filing_id=f"F-{home}-1",
         action=FilingAction.CREATE,
         person_id=person,
         person_name="张建国",
@@ -52,7 +52,10 @@ def filing(home: str = "130100", host: str = "460100", person: str = PERSON) -> 
 
 
 def claim(
-    home: str = "130100", host: str = "460100", claim_id: str = "C-1", person: str = PERSON
+    home: str = "130100",
+    host: str = "460100",
+    claim_id: str | None = None,
+    person: str = PERSON,
 ) -> ClaimPackage:
     """A DELAYED inpatient claim of 250 yuan with two items."""
     items = (
@@ -76,8 +79,8 @@ def claim(
         ),
     )
     return ClaimPackage(
-        claim_id=claim_id,
-        filing_id="F-1",
+        claim_id=claim_id or f"C-{host}-1",
+        filing_id=f"F-{home}-1",
         person_id=person,
         home_region=home,
         host_region=host,
@@ -98,7 +101,7 @@ def claim(
 def receipt() -> FilingReceipt:
     """A receipt for :func:`filing`."""
     return FilingReceipt(
-        filing_id="F-1",
+        filing_id="F-130100-1",
         person_id=PERSON,
         host_region="460100",
         status=FilingStatus.REGISTERED,
@@ -106,7 +109,7 @@ def receipt() -> FilingReceipt:
     )
 
 
-def review(claim_id: str = "C-1") -> ReviewResult:
+def review(claim_id: str = "C-460100-1") -> ReviewResult:
     """A partial review of :func:`claim`."""
     return ReviewResult(
         claim_id=claim_id,
@@ -133,7 +136,7 @@ def review(claim_id: str = "C-1") -> ReviewResult:
 def notice() -> SettlementNotice:
     """A settlement notice for :func:`claim`."""
     return SettlementNotice(
-        claim_id="C-1",
+        claim_id="C-460100-1",
         personal_paid_fen=6200,
         fund_fen=18800,
         critical_illness_fen=0,

@@ -6,9 +6,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from bus.constants import H_SIGNATURE, H_SOURCE, PROVINCE_RE
 from bus.envelope import header_dict
 from bus.settings import BusSettings
 from bus.transport import Consumer, Headers, Producer, Record
+from simulators.keys import sign_as
 
 
 async def read_topic(
@@ -49,8 +51,16 @@ async def produce_raw(
     headers: Headers,
     key: bytes | None = b"k",
     times: int = 1,
+    *,
+    sign: bool = True,
 ) -> None:
-    """Write a record as-is (bypassing the bus), ``times`` times."""
+    """Write a record (bypassing the bus), ``times`` times. With ``sign`` (the default), a
+    record whose ``xs-source`` is a province code and that carries no signature is signed
+    with that province's demo key, as a real province would send it; ``sign=False`` writes
+    it exactly as given (forgeries)."""
+    source = header_dict(headers).get(H_SOURCE, "")
+    if sign and PROVINCE_RE.match(source) and all(k != H_SIGNATURE for k, _ in headers):
+        headers = sign_as(source, headers, key, value)
     producer = Producer(settings, bootstrap, name="test-raw")
     await producer.start()
     try:

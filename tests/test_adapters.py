@@ -55,7 +55,7 @@ class Country:
     settings: BusSettings
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def country(
     broker: str, settings: BusSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Country]:
@@ -95,7 +95,7 @@ async def file(
 ) -> None:
     """File the person from Hebei to Hainan and wait until Hainan registered it."""
     filing = FilingUpload(
-        filing_id=f"F-{person_id}",
+        filing_id=f"F-{LAO_ZHANG_HOME_REGION}-{person_id}",
         action=action,
         person_id=person_id,
         person_name="张建国",

@@ -46,6 +46,7 @@ def tiny_directory(home: str, host: str) -> Directory:
     h, g = home[:2], host[:2]
     return Directory.from_toml(
         f"""
+demo_keys = true
 [[provinces]]
 code = "{home}"
 name = "Home"
@@ -195,7 +196,8 @@ async def test_hand_written_back_office_settles_a_claim(
     home_office.persons[pid] = Person(pid, "李四", InsuranceType.EMPLOYEE, region)
     await home.file(
         FilingUpload(
-            filing_id="F-1", action=FilingAction.CREATE, person_id=pid, person_name="李四",
+            filing_id=f"F-{region}-1", action=FilingAction.CREATE, person_id=pid,
+            person_name="李四",
             insurance_type=InsuranceType.EMPLOYEE, home_region=region, host_region=host_code,
             reason=FilingReason.LONG_TERM_RESIDENT, channel=FilingChannel.WEB,
             valid_from=dt.date(2026, 1, 1), filed_at=now(),

@@ -28,13 +28,14 @@ def _positive(figure: dict[str, Any]) -> None:
 async def test_quick_bench_writes_every_figure(
     broker: str, settings: BusSettings, province_pool: ProvincePool, tmp_path: Path
 ) -> None:
-    codes = [province_pool.take() for _ in range(6)]
+    codes = [province_pool.take() for _ in range(8)]
     plan = Plan(
         sizes=TINY,
         repeat=1,
         bus_pair=(codes[0], codes[1]),
         e2e_pair=(codes[2], codes[3]),
         province_codes={2: codes[4:6]},
+        unsigned_pair=(codes[6], codes[7]),
     )
     doc = await run_bench(settings, broker, plan, tmp_path)
     path = write_report(tmp_path / "reports" / "bench.json", doc)
@@ -45,7 +46,10 @@ async def test_quick_bench_writes_every_figure(
     assert {"python", "packages"} <= set(loaded["machine"])
     assert {"aiokafka", "fastavro", "pydantic"} <= set(loaded["machine"]["packages"])
     results = loaded["results"]
-    assert set(results) == {"raw", "bus", "latency", "e2e", "codec", "store", "provinces"}
+    assert set(results) == {
+        "raw", "bus", "bus_unsigned", "latency", "latency_unsigned", "e2e", "codec", "store",
+        "provinces", "signing",
+    }  # fmt: skip
 
     _positive(results["raw"]["round_trips_per_s"])
     _positive(results["bus"]["round_trips_per_s"])
@@ -55,6 +59,37 @@ async def test_quick_bench_writes_every_figure(
     assert results["latency"]["offered_per_s"] > 0
     for key in ("p50_ms", "p99_ms", "p999_ms"):
         _positive(results["latency"][key])
+
+    # Signing on and off, both measured, each really what it says.
+    signed, unsigned = results["bus"], results["bus_unsigned"]
+    assert signed["signed"] is True
+    assert unsigned["signed"] is False
+    _positive(unsigned["round_trips_per_s"])
+    assert unsigned["ratio_to_raw"] > 0
+    assert unsigned["signed_to_unsigned"] > 0
+    assert signed["handled"] > 0
+    assert signed["handled_signed"] == signed["handled"]
+    assert unsigned["handled"] > 0
+    assert unsigned["handled_signed"] == 0
+    bare_latency = results["latency_unsigned"]
+    assert bare_latency["offered_per_s"] == results["latency"]["offered_per_s"]
+    for key in ("p50_ms", "p99_ms", "p999_ms"):
+        _positive(bare_latency[key])
+    assert bare_latency["p50_signed_to_unsigned"] > 0
+    assert bare_latency["p99_signed_to_unsigned"] > 0
+
+    signing = results["signing"]
+    assert signing["iterations"] == TINY.signing
+    assert signing["items"] == 10
+    assert signing["value_bytes"] > 0
+    assert signing["canonical_bytes"] > signing["value_bytes"]
+    for key in ("sign", "verify", "canonical", "receive_verify", "receive_accept", "receive_total"):
+        _positive(signing[key]["p50_us"])
+        _positive(signing[key]["p99_us"])
+        assert signing[key]["p99_us"]["median"] >= signing[key]["p50_us"]["median"]
+        assert signing[key]["p50_us"]["unit"] == "µs"
+    # every record of the receive loop was verified, accepted and logged once
+    assert signing["audit_entries"] == TINY.signing * plan.repeat
 
     families = {"filing", "claim", "receipt", "review", "settlement", "error"}
     assert set(results["codec"]) == families
@@ -74,4 +109,14 @@ async def test_quick_bench_writes_every_figure(
     assert provinces["topics_created"] == 12
     _positive(provinces["startup_to_assigned_s"])
 
-    assert "bus round trip" in table(loaded)
+    text = table(loaded)
+    for row in (
+        "bus round trip ",
+        "bus round trip, unsigned",
+        "latency p99, unsigned",
+        "sign p50",
+        "verify p50",
+        "canonical p50",
+        "receive trust work p50",
+    ):
+        assert row in text, row

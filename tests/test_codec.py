@@ -78,7 +78,7 @@ class TestRoundTrip:
         name, decoded = Codec(reader_store).decode_dict(codec.encode(samples.claim()))
         assert name == "xsettle.v1.ClaimPackage"
         assert decoded["note"] is None
-        assert decoded["claim_id"] == "C-1"
+        assert decoded["claim_id"] == "C-460100-1"
         assert decoded["diagnoses"] == ["K35.8"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +36,12 @@ DEFAULT_PROVINCES = (
 FAMILIES = ("filing", "claim", "settlement", "reply", "error", "dlq")
 INTERNAL_BOOTSTRAP = "kafka:9092"
 KAFKA_TOPICS = "/opt/kafka/bin/kafka-topics.sh"
+DEPLOY = ROOT / "deploy" / "kafka"
+INBOX_FAMILIES = ("filing", "claim", "settlement", "reply", "error")
+PRINCIPALS = ("admin", "ops", "demo", *(f"p{code}" for code in DEFAULT_PROVINCES))
+ADMIN_CONFIG = "/etc/kafka/secrets/admin.properties"
+SECRETS_MOUNT = "./deploy/kafka/secrets"
+CA_IN_XSETTLE = "/etc/xsettle/kafka/ca.crt"
 
 
 def _compose() -> dict[str, Any]:
@@ -271,3 +278,379 @@ def test_dockerignore_keeps_context_small() -> None:
     ignored = set(DOCKERIGNORE.read_text(encoding="utf-8").split())
     assert {".venv", ".git", "tests", ".pytest_cache", ".mypy_cache"} <= ignored
     assert ignored & {"**/__pycache__", "__pycache__"}
+
+
+# --- authenticated connections: SASL_SSL listeners, SCRAM principals, ACLs ----------------------
+Acl = tuple[str, str, str, str, str]
+"""(principal, operation, resource type, pattern type, name), as acls.sh --print writes it."""
+
+
+def _bash() -> str:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    return bash
+
+
+def _listener_table(env: dict[str, str]) -> dict[str, tuple[str, str, str]]:
+    """Listener name -> (security protocol, bind host, port) of the kafka service."""
+    protocols = dict(
+        entry.split(":", 1) for entry in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    table = {}
+    for entry in env["KAFKA_LISTENERS"].split(","):
+        name, _, address = entry.partition("://")
+        host, _, port = address.rpartition(":")
+        table[name] = (protocols[name], host, port)
+    return table
+
+
+def _expected_acls(provinces: tuple[str, ...]) -> set[Acl]:
+    """The access model of issue 12, written out independently of acls.sh."""
+    acls: set[Acl] = set()
+    for p in provinces:
+        user = f"User:p{p}"
+        for q in provinces:
+            if q != p:
+                acls |= {
+                    (user, "Write", "topic", "literal", f"xsettle.{f}.{q}") for f in INBOX_FAMILIES
+                }
+        acls |= {(user, "Write", "topic", "literal", f"xsettle.{f}.{p}") for f in ("error", "dlq")}
+        acls |= {(user, "Read", "topic", "literal", f"xsettle.{f}.{p}") for f in FAMILIES}
+        acls.add((user, "Read", "group", "prefixed", f"xsettle-{p}"))
+        acls.add((user, "Describe", "topic", "prefixed", "xsettle."))
+    acls |= {
+        ("User:ops", "Read", "topic", "prefixed", "xsettle.error."),
+        ("User:ops", "Read", "topic", "prefixed", "xsettle.dlq."),
+        ("User:demo", "Read", "topic", "prefixed", "xsettle."),
+        ("User:demo", "Write", "topic", "prefixed", "xsettle."),
+        ("User:demo", "Read", "group", "prefixed", "xsettle-"),
+    }
+    return acls
+
+
+def _printed_acls(provinces_file: Path = DEPLOY / "provinces.txt") -> set[Acl]:
+    out = subprocess.run(
+        [_bash(), str(DEPLOY / "acls.sh"), "--print"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "PROVINCES_FILE": str(provinces_file)},
+        timeout=60,
+    ).stdout
+    rows = [tuple(line.split()) for line in out.splitlines()]
+    assert all(len(row) == 5 for row in rows), rows
+    assert len(rows) == len(set(rows)), "an ACL is printed twice"
+    return {(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+
+
+IMPLIES_DESCRIBE = {"Read", "Write", "Delete", "Alter", "All"}
+
+
+def _allowed(acls: set[Acl], principal: str, operation: str, kind: str, name: str) -> bool:
+    """Kafka's StandardAuthorizer for ALLOW ACLs: a literal pattern matches its name, a
+    prefixed one every name it starts; Read, Write, Delete and Alter imply Describe."""
+    for who, op, rtype, pattern, value in acls:
+        if who != principal or rtype != kind:
+            continue
+        if op not in (operation, "All") and not (
+            operation == "Describe" and op in IMPLIES_DESCRIBE
+        ):
+            continue
+        if value == "*" or (name == value if pattern == "literal" else name.startswith(value)):
+            return True
+    return False
+
+
+def test_provinces_file_lists_the_default_provinces() -> None:
+    """deploy/kafka/provinces.txt, which the scripts loop over, is DEFAULT_PROVINCES."""
+    lines = (DEPLOY / "provinces.txt").read_text(encoding="utf-8").splitlines()
+    codes = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    assert codes == DEFAULT_PROVINCES
+
+
+def test_kafka_clients_reach_only_tls_listeners_with_a_login() -> None:
+    """Every advertised and every published listener is SASL_SSL with SCRAM-SHA-512; none
+    is PLAINTEXT; the controller's SASL_PLAINTEXT listener is bound to loopback only."""
+    kafka = _services()["kafka"]
+    env = _environment(kafka)
+    table = _listener_table(env)
+    advertised = {e.partition("://")[0] for e in env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
+    assert advertised
+    for name in advertised:
+        assert table[name][0] == "SASL_SSL", name
+    for name, (protocol, host, _) in table.items():
+        assert protocol != "PLAINTEXT", name
+        if protocol != "SASL_SSL":
+            assert host in {"localhost", "127.0.0.1"}, f"{name} ({protocol}) listens on {host!r}"
+            assert name not in advertised, name
+    published = {str(port).rsplit(":", 1)[-1] for port in kafka["ports"]}
+    assert published == {"9094"}
+    for port in published:
+        [name] = [n for n, (_, _, p) in table.items() if p == port]
+        assert table[name][0] == "SASL_SSL", f"port {port} is {name}"
+    controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert table[controller][1] == "localhost"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"1@localhost:{table[controller][2]}"
+    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert env["KAFKA_SASL_MECHANISM_INTER_BROKER_PROTOCOL"] == "SCRAM-SHA-512"
+    assert table[env["KAFKA_INTER_BROKER_LISTENER_NAME"]][0] == "SASL_SSL"
+    assert env["KAFKA_SSL_TRUSTSTORE_LOCATION"] == "/etc/kafka/secrets/ca.crt"
+    assert env["KAFKA_SSL_KEYSTORE_LOCATION"] == "/etc/kafka/secrets/broker.p12"
+
+
+def test_kafka_authorizes_every_request() -> None:
+    """StandardAuthorizer, admin the only super user, and no ACL means no access."""
+    env = _environment(_services()["kafka"])
+    assert (
+        env["KAFKA_AUTHORIZER_CLASS_NAME"]
+        == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    )
+    assert set(env["KAFKA_SUPER_USERS"].split(";")) == {"User:admin"}
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+
+
+def _broker_secrets() -> dict[str, str]:
+    values = {"KEYSTORE_PASSWORD": "keystore-pw"}
+    values |= {f"SCRAM_PASSWORD_{p.upper()}": f"pw-{p}" for p in PRINCIPALS}
+    return values
+
+
+def _run_broker_script(
+    tmp_path: Path, secrets: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """broker.sh with the kafka service's environment, stub Kafka tools under tmp_path/bin."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kafka-storage.sh").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/format.args\n', encoding="utf-8"
+    )
+    (bin_dir / "kafka-server-start.sh").write_text(
+        f'#!/bin/sh\ncp "$1" {tmp_path}/started.properties\necho "$1" > {tmp_path}/started\n',
+        encoding="utf-8",
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {
+        **_environment(_services()["kafka"]),
+        **secrets,
+        "PATH": os.environ.get("PATH", ""),
+        "KAFKA_HOME": str(tmp_path),
+        "PROVINCES_FILE": str(DEPLOY / "provinces.txt"),
+        "BROKER_CONFIG": str(tmp_path / "server.properties"),
+    }
+    done = subprocess.run(
+        [_bash(), str(DEPLOY / "broker.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
+    return done, tmp_path
+
+
+def test_broker_script_renders_properties_and_registers_every_login(tmp_path: Path) -> None:
+    """broker.sh turns the KAFKA_* variables into properties as the image does, adds the
+    keystore password and a JAAS login per SASL listener, formats the storage with a SCRAM
+    login for every principal, then starts Kafka on that file (readable by its owner only)."""
+    secrets = _broker_secrets()
+    done, out = _run_broker_script(tmp_path, secrets)
+    assert done.returncode == 0, done.stderr
+    env = _environment(_services()["kafka"])
+    config = out / "server.properties"
+    assert (out / "started").read_text(encoding="utf-8").strip() == str(config)
+    assert config.stat().st_mode & 0o077 == 0
+    properties = dict(
+        line.split("=", 1)
+        for line in config.read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    )
+    assert properties["listeners"] == env["KAFKA_LISTENERS"]
+    assert (
+        properties["listener.security.protocol.map"] == env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    )
+    assert properties["sasl.mechanism.inter.broker.protocol"] == "SCRAM-SHA-512"
+    assert properties["sasl.mechanism.controller.protocol"] == "PLAIN"
+    assert properties["listener.name.controller.sasl.enabled.mechanisms"] == "PLAIN"
+    assert properties["super.users"] == "User:admin"
+    assert properties["allow.everyone.if.no.acl.found"] == "false"
+    assert properties["node.id"] == "1"
+    assert "cluster.id" not in properties  # CLUSTER_ID is for formatting, not a property
+    assert properties["ssl.keystore.password"] == properties["ssl.key.password"] == "keystore-pw"
+    admin = secrets["SCRAM_PASSWORD_ADMIN"]
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+    plain = "org.apache.kafka.common.security.plain.PlainLoginModule required"
+    assert properties["listener.name.internal.scram-sha-512.sasl.jaas.config"] == (
+        f'{scram} username="admin" password="{admin}";'
+    )
+    assert properties["listener.name.external.scram-sha-512.sasl.jaas.config"] == f"{scram};"
+    assert properties["listener.name.controller.plain.sasl.jaas.config"] == (
+        f'{plain} username="admin" password="{admin}" user_admin="{admin}";'
+    )
+    for value in secrets.values():
+        assert value not in done.stdout + done.stderr
+    args = (out / "format.args").read_text(encoding="utf-8").splitlines()
+    assert args[0] == "format"
+    assert "--ignore-formatted" in args
+    assert args[args.index("--cluster-id") + 1] == env["CLUSTER_ID"]
+    assert args[args.index("--config") + 1] == str(config)
+    logins = [args[i + 1] for i, arg in enumerate(args) if arg == "--add-scram"]
+    assert logins == [
+        f"SCRAM-SHA-512=[name={p},password={secrets[f'SCRAM_PASSWORD_{p.upper()}']}]"
+        for p in PRINCIPALS
+    ]
+
+
+def test_broker_script_stops_without_a_password(tmp_path: Path) -> None:
+    """A principal without a password stops the broker before it formats or starts."""
+    secrets = _broker_secrets()
+    del secrets["SCRAM_PASSWORD_P460000"]
+    done, out = _run_broker_script(tmp_path, secrets)
+    assert done.returncode != 0
+    assert "SCRAM_PASSWORD_P460000 is not set" in done.stderr
+    assert not (out / "format.args").exists()
+    assert not (out / "started").exists()
+
+
+def test_acls_script_grants_the_access_model() -> None:
+    """acls.sh --print is exactly the access model, for every default province."""
+    assert _printed_acls() == _expected_acls(DEFAULT_PROVINCES)
+
+
+def test_acls_allow_exactly_the_contract_traffic() -> None:
+    """Evaluated as Kafka would: a province writes only other provinces' inboxes and its own
+    error and dead-letter topics, reads only its own topics and groups, creates nothing."""
+    acls = _printed_acls()
+    topics = [(f, q, f"xsettle.{f}.{q}") for q in DEFAULT_PROVINCES for f in FAMILIES]
+    for p in DEFAULT_PROVINCES:
+        user = f"User:p{p}"
+        for family, q, name in topics:
+            may_write = (q != p and family in INBOX_FAMILIES) or (
+                q == p and family in ("error", "dlq")
+            )
+            assert _allowed(acls, user, "Write", "topic", name) is may_write, (user, name)
+            assert _allowed(acls, user, "Read", "topic", name) is (q == p), (user, name)
+            assert _allowed(acls, user, "Describe", "topic", name), (user, name)
+            for operation in ("Create", "Delete", "Alter", "AlterConfigs"):
+                assert not _allowed(acls, user, operation, "topic", name), (user, operation)
+        for q in DEFAULT_PROVINCES:
+            assert _allowed(acls, user, "Read", "group", f"xsettle-{q}") is (q == p), (user, q)
+        assert not _allowed(acls, user, "Create", "cluster", "kafka-cluster")
+    for family, _, name in topics:
+        assert _allowed(acls, "User:ops", "Read", "topic", name) is (family in ("error", "dlq"))
+        assert not _allowed(acls, "User:ops", "Write", "topic", name)
+        assert _allowed(acls, "User:demo", "Read", "topic", name)
+        assert _allowed(acls, "User:demo", "Write", "topic", name)
+    principals = {row[0] for row in acls}
+    assert principals == {f"User:{p}" for p in PRINCIPALS if p != "admin"}
+
+
+def test_acls_script_adds_what_it_prints(tmp_path: Path) -> None:
+    """Run against a stub kafka-acls.sh, the script adds exactly the printed ACLs, as admin,
+    with few calls (one per principal, operation and pattern type)."""
+    calls_file = tmp_path / "calls"
+    stub = tmp_path / "kafka-acls.sh"
+    stub.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do printf \'%s\\t\' "$a"; done >> {calls_file}\n'
+        f"echo >> {calls_file}\n",
+        encoding="utf-8",
+    )
+    stub.chmod(0o755)
+    subprocess.run(
+        [_bash(), str(DEPLOY / "acls.sh")],
+        check=True,
+        capture_output=True,
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "PROVINCES_FILE": str(DEPLOY / "provinces.txt"),
+            "KAFKA_ACLS": str(stub),
+        },
+        timeout=60,
+    )
+    added: set[Acl] = set()
+    calls = calls_file.read_text(encoding="utf-8").splitlines()
+    for line in calls:
+        args = line.rstrip("\t").split("\t")
+        assert args.count("--add") == 1
+        assert args[args.index("--bootstrap-server") + 1] == INTERNAL_BOOTSTRAP
+        assert args[args.index("--command-config") + 1] == ADMIN_CONFIG
+        principal = args[args.index("--allow-principal") + 1]
+        [operation] = [args[i + 1] for i, a in enumerate(args) if a == "--operation"]
+        pattern = args[args.index("--resource-pattern-type") + 1]
+        for i, arg in enumerate(args):
+            if arg in ("--topic", "--group"):
+                added.add((principal, operation, arg[2:], pattern, args[i + 1]))
+    assert added == _printed_acls()
+    assert len(calls) == 4 * len(DEFAULT_PROVINCES) + 4
+
+
+def test_acls_script_refuses_a_bad_province_list(tmp_path: Path) -> None:
+    """A line that is not a province code stops the script before it adds anything."""
+    provinces = tmp_path / "provinces.txt"
+    provinces.write_text("460000\n46000\n", encoding="utf-8")
+    done = subprocess.run(
+        [_bash(), str(DEPLOY / "acls.sh"), "--print"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "PROVINCES_FILE": str(provinces)},
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "46000 is not a province code" in done.stderr
+
+
+def test_setup_services_act_as_admin() -> None:
+    """The broker's healthcheck, the topics and the acls services log in as admin, with the
+    admin client settings from the mounted secrets; acls waits for a healthy broker."""
+    services = _services()
+    healthcheck = " ".join(services["kafka"]["healthcheck"]["test"])
+    assert f"--command-config {ADMIN_CONFIG}" in healthcheck
+    assert f"--command-config {ADMIN_CONFIG}" in _topics_script()
+    acls = services["acls"]
+    assert acls["image"] == services["kafka"]["image"]
+    assert acls["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert acls["restart"] == "no"
+    assert acls["entrypoint"] == ["/bin/bash", "/opt/xsettle/acls.sh"]
+    for name in ("kafka", "topics", "acls"):
+        assert f"{SECRETS_MOUNT}:/etc/kafka/secrets:ro" in services[name]["volumes"], name
+    assert services["kafka"]["entrypoint"] == ["/bin/bash", "/opt/xsettle/broker.sh"]
+    assert services["kafka"]["env_file"] == ["deploy/kafka/secrets/broker.env"]
+
+
+def test_mounted_scripts_exist() -> None:
+    """Every file compose mounts from deploy/kafka is in the repository, except the secrets
+    folder, which make-certs.sh writes."""
+    for name, service in _services().items():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if source.startswith(SECRETS_MOUNT):
+                continue
+            assert (ROOT / source).is_file(), f"{name}: {source}"
+
+
+def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
+    """Each xsettle container connects with SASL_SSL and SCRAM-SHA-512, checks the broker
+    against the compose CA, logs in as its own principal with the password from that
+    principal's env file, and waits for the ACLs; its variables make valid BusSettings."""
+    from bus.settings import BusSettings
+
+    services = _xsettle_services()
+    expected = {"demo": "demo", "ops": "ops", "province": "p460000", "others": "demo"}
+    assert set(services) == set(expected)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("placeholder\n", encoding="utf-8")
+    for name, service in services.items():
+        env = _environment(service)
+        username = env["XSETTLE_SASL_USERNAME"]
+        assert username == expected[name], name
+        assert env["XSETTLE_SECURITY_PROTOCOL"] == "SASL_SSL", name
+        assert env["XSETTLE_SASL_MECHANISM"] == "SCRAM-SHA-512", name
+        assert env["XSETTLE_SSL_CAFILE"] == CA_IN_XSETTLE, name
+        assert "XSETTLE_SASL_PASSWORD" not in env, f"{name}: a password written in compose"
+        assert service["env_file"] == [f"deploy/kafka/secrets/{username}.env"], name
+        assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in service["volumes"], name
+        condition = service["depends_on"]["acls"]["condition"]
+        assert condition == "service_completed_successfully", name
+        settings = BusSettings.from_env(
+            {**env, "XSETTLE_SSL_CAFILE": str(ca), "XSETTLE_SASL_PASSWORD": "from-env-file"}
+        )
+        assert settings.security_protocol == "SASL_SSL"
+        assert settings.bootstrap == INTERNAL_BOOTSTRAP
+    assert services["province"]["command"][:3] == ["xsettle", "province", "460000"]
+    assert services["others"]["command"][:4] == ["xsettle", "simulate", "--except", "460000"]

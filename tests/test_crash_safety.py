@@ -45,6 +45,7 @@ from bus.settings import BusSettings
 from bus.store import OutRecord
 from bus.transport import RawRecord, write_raw_records
 from simulators import samples
+from simulators.keys import sign_as, without_keys
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import eventually, hdr, produce_raw, read_topic
 
@@ -63,6 +64,7 @@ def remapped_directory(folder: Path, home: str, host: str) -> Directory:
     codes, so these tests own their consumer groups and can kill and restart them)."""
     prefix = {"13": home[:2], "46": host[:2]}
     text = (Path(__file__).parents[1] / "adapters" / "default_directory.toml").read_text("utf-8")
+    text = without_keys(text)
     text = re.sub(
         r'"(H?)(13|46)(\d+)"', lambda m: f'"{m[1]}{prefix[m[2]]}{m[3]}"', text
     )  # every quoted code of the two provinces
@@ -126,7 +128,7 @@ class Pair:
             Person(LAO_ZHANG_PERSON_ID, "张建国", InsuranceType.EMPLOYEE, self.home_region)
         )
         filing = FilingUpload(
-            filing_id=f"F-{new_id()[:8]}",
+            filing_id=f"F-{self.home_region}-{new_id()[:8]}",
             action=FilingAction.CREATE,
             person_id=LAO_ZHANG_PERSON_ID,
             person_name="张建国",
@@ -292,9 +294,12 @@ class TestCrashWindows:
         assert pair.home.backoffice.settlements() == []
 
 
-def claim_to(host: str, home: str, claim_id: str = "C-1") -> ClaimPackage:
+def claim_to(host: str, home: str, claim_id: str | None = None) -> ClaimPackage:
     return samples.claim(
-        home=home[:2] + "0100", host=host[:2] + "0100", claim_id=claim_id, person=samples.PERSON
+        home=home[:2] + "0100",
+        host=host[:2] + "0100",
+        claim_id=claim_id or f"C-{host}-1",
+        person=samples.PERSON,
     )
 
 
@@ -324,7 +329,7 @@ class TestAnswersAreChecked:
         request_id = await host.request(claim_to(host_code, home_code), deadline_s=60)
         reply_topic = topic("reply", host_code)
         forgeries = [
-            (third, samples.review("C-1")),  # from a province nobody asked
+            (third, samples.review(f"C-{host_code}-1")),  # from a province nobody asked
             (home_code, samples.receipt()),  # a FilingReceipt cannot answer a claim
             (home_code, samples.review("C-OTHER")),  # about another claim
         ]
@@ -342,7 +347,7 @@ class TestAnswersAreChecked:
         rep = codec.decode(reports[0].value or b"")
         assert isinstance(rep, ErrorReport)
         assert rep.code is ErrorCode.INVALID_MESSAGE
-        true = samples.review("C-1")
+        true = samples.review(f"C-{host_code}-1")
         await produce_raw(
             host.bootstrap, host.settings, reply_topic, codec.encode(true),
             answer_headers(home_code, host_code, request_id, true.avro_name),
@@ -446,7 +451,7 @@ class TestBadRecordsNeverStopAPartition:
             ).to_headers()  # fmt: skip
 
         big = codec.encode(samples.notice()) + b"\x00" * 2_000_000
-        after = headers()
+        after = sign_as(host_code, headers(), b"same", codec.encode(samples.notice()))
         raw = [
             RawRecord(b"same", value, [(k.encode(), v) for k, v in hs])
             for value, hs in ((big, headers()), (codec.encode(samples.notice()), after))
@@ -475,11 +480,11 @@ class TestBadRecordsNeverStopAPartition:
             seen.append(ctx.envelope.message_id)
 
         await home.wait_ready()
-        good = Envelope(
+        value = codec.encode(samples.notice())
+        good = sign_as(host_code, Envelope(
             message_id=new_id(), message_type=samples.notice().avro_name, source=host_code,
             target=home_code, sent_at_ms=now_ms(),
-        ).to_headers()  # fmt: skip
-        value = codec.encode(samples.notice())
+        ).to_headers(), b"k", value)  # fmt: skip
         offsets = await write_raw_records(
             home.bootstrap,
             topic("settlement", home_code),

@@ -27,7 +27,8 @@ def claim_to(host: str, home: str, claim_id: str) -> ClaimPackage:
 
 
 class Deferring:
-    """A home handler that defers claims whose id starts with ``D`` and approves the rest."""
+    """A home handler that defers claims whose unique part starts with ``D`` and approves the
+    rest."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -35,7 +36,7 @@ class Deferring:
     async def __call__(self, message: Message, ctx: Context) -> Message | Deferred | None:
         assert isinstance(message, ClaimPackage)
         self.calls.append(message.claim_id)
-        if message.claim_id.startswith("D"):
+        if message.claim_id.split("-")[-1].startswith("D"):
             return DEFER
         return samples.review(message.claim_id)
 
@@ -64,12 +65,14 @@ class TestDeferredAnswers:
         async def collect(answer: Answer) -> None:
             got.append(answer)
 
-        deferred_id = await host.request(claim_to(host_code, home_code, "D-1"), deadline_s=60)
-        quick = await host.ask(claim_to(host_code, home_code, "Q-1"), deadline_s=10)
+        deferred_id = await host.request(
+            claim_to(host_code, home_code, f"C-{host_code}-D1"), deadline_s=60
+        )
+        quick = await host.ask(claim_to(host_code, home_code, f"C-{host_code}-Q1"), deadline_s=10)
         assert quick.ok
         assert [o.request_id for o in home.owed()] == [deferred_id]
-        first = await home.answer(deferred_id, samples.review("D-1"))
-        again = await home.answer(deferred_id, samples.review("D-1"))
+        first = await home.answer(deferred_id, samples.review(f"C-{host_code}-D1"))
+        again = await home.answer(deferred_id, samples.review(f"C-{host_code}-D1"))
         assert again == first
         assert home.owed() == []
         await eventually(lambda: [a.request_id for a in got] == [quick.request_id, deferred_id])
@@ -89,7 +92,9 @@ class TestDeferredAnswers:
         host = await make_node(host_code)
         home = await home_node(make_node, home_code, state_dir)
         await host.wait_ready()
-        request_id = await host.request(claim_to(host_code, home_code, "D-2"), deadline_s=60)
+        request_id = await host.request(
+            claim_to(host_code, home_code, f"C-{host_code}-D2"), deadline_s=60
+        )
         await eventually(lambda: len(home.owed()) == 1)
         assert await host.resend(request_id)
         await eventually(lambda: home.metrics.get("xsettle_duplicates_total", family="claim") == 1)
@@ -99,7 +104,7 @@ class TestDeferredAnswers:
         back = await home_node(make_node, home_code, state_dir)
         [owed] = back.owed()
         assert owed.request_id == request_id
-        await back.answer(request_id, samples.review("D-2"))
+        await back.answer(request_id, samples.review(f"C-{host_code}-D2"))
         await eventually(
             lambda: (p := host.store.get_pending(request_id)) is not None and p.state == "delivered"
         )
@@ -115,7 +120,7 @@ class TestDeferredAnswers:
         home = await home_node(make_node, home_code)
         await host.wait_ready()
         waiting = asyncio.ensure_future(
-            host.ask(claim_to(host_code, home_code, "D-3"), deadline_s=30)
+            host.ask(claim_to(host_code, home_code, f"C-{host_code}-D3"), deadline_s=30)
         )
         await eventually(lambda: len(home.owed()) == 1)
         [owed] = home.owed()
@@ -136,7 +141,7 @@ class TestDeferredAnswers:
         await host.wait_ready()
         with pytest.raises(RoutingError):
             await home.answer("no-such-request", samples.review("X"))
-        await host.request(claim_to(host_code, home_code, "D-4"), deadline_s=60)
+        await host.request(claim_to(host_code, home_code, f"C-{host_code}-D4"), deadline_s=60)
         await eventually(lambda: len(home.owed()) == 1)
         [owed] = home.owed()
         with pytest.raises(RoutingError):

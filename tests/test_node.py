@@ -45,10 +45,12 @@ def region(province: str) -> str:
 
 
 def claim_between(
-    host: str, home: str, claim_id: str = "C-1", person: str = samples.PERSON
+    host: str, home: str, claim_id: str | None = None, person: str = samples.PERSON
 ) -> ClaimPackage:
     """A claim sent by ``host`` to ``home``."""
-    return samples.claim(home=region(home), host=region(host), claim_id=claim_id, person=person)
+    return samples.claim(
+        home=region(home), host=region(host), claim_id=claim_id or f"C-{host}-1", person=person
+    )
 
 
 class Reviewer:
@@ -87,8 +89,8 @@ class TestRequestAnswer:
         assert answer.ok
         assert not answer.late
         assert isinstance(answer.message, ReviewResult)
-        assert answer.message.claim_id == "C-1"
-        assert reviewer.calls == ["C-1"]
+        assert answer.message.claim_id == f"C-{host.province}-1"
+        assert reviewer.calls == [f"C-{host.province}-1"]
         replies = await read_topic(
             host.bootstrap, host.settings, topic("reply", host.province), expect=1
         )
@@ -99,22 +101,26 @@ class TestRequestAnswer:
     async def test_same_request_three_times_is_handled_once(
         self, make_node: NodeFactory, province_pool: ProvincePool, codec: Codec
     ) -> None:
-        """A request delivered three times runs the handler once; the stored answer is re-sent
-        and the requester counts one terminal answer."""
+        """A request sent three times (the first send and two re-sends: same id, attempt + 1)
+        runs the handler once; the stored answer is re-sent and the requester counts one
+        terminal answer."""
         host, home, reviewer = await pair(make_node, province_pool)
         request_id = await host.request(claim_between(host.province, home.province), deadline_s=30)
         pending = host.store.get_pending(request_id)
         assert pending is not None
         rec = pending.record
-        await produce_raw(
-            host.bootstrap, host.settings, rec.topic, rec.value, rec.headers, rec.key, times=2
-        )
+        env = Envelope.from_headers(rec.headers)
+        for _ in range(2):
+            env = env.resent()
+            await produce_raw(
+                host.bootstrap, host.settings, rec.topic, rec.value, env.to_headers(), rec.key
+            )
         replies = await read_topic(
             host.bootstrap, host.settings, topic("reply", host.province), expect=3
         )
         assert len(replies) == 3
         assert {hdr(r, H_MESSAGE_ID) for r in replies} == {hdr(replies[0], H_MESSAGE_ID)}
-        assert reviewer.calls == ["C-1"]
+        assert reviewer.calls == [f"C-{host.province}-1"]
         await eventually(lambda: host.metrics.get("xsettle_duplicates_total", family="reply") == 2)
         assert host.metrics.get("xsettle_answers_total", outcome="ok") == 1
 
@@ -155,7 +161,7 @@ class TestRequestAnswer:
         # one message id, one review.
         assert len(replies) >= 2
         assert len({hdr(r, H_MESSAGE_ID) for r in replies}) == 1
-        assert reviewer.calls == ["C-1"]
+        assert reviewer.calls == [f"C-{host.province}-1"]
         dups = len(replies) - 1
         await eventually(
             lambda: host.metrics.get("xsettle_duplicates_total", family="reply") == dups
@@ -231,7 +237,8 @@ class TestFailurePaths:
             tries.append(time.monotonic())
             if len(tries) < 3:
                 raise TransientError("back office busy")
-            return samples.review()
+            assert isinstance(message, ClaimPackage)
+            return samples.review(message.claim_id)
 
         answer = await host.ask(claim_between(host.province, home.province), deadline_s=10)
         assert answer.ok
@@ -363,7 +370,7 @@ class TestDeadlines:
             host.bootstrap,
             host.settings,
             topic("reply", host_code),
-            codec.encode(samples.review()),
+            codec.encode(samples.review(f"C-{host_code}-1")),
             late.to_headers(),
         )
         await eventually(lambda: len(got) == 2)
@@ -409,7 +416,7 @@ class TestAnswersMatchingNothing:
                     host.bootstrap,
                     host.settings,
                     topic("reply", host.province),
-                    codec.encode(samples.review()),
+                    codec.encode(samples.review(f"C-{host.province}-1")),
                     env.to_headers(),
                 )
                 await eventually(

@@ -1,0 +1,184 @@
+"""schemas/history keeps every published version of the wire, readable by today's schemas.
+
+Checks: every current schema is in the newest version folder (identical, or an older schema
+the current one can read); every historical schema can be read by the current schema of the
+same name (fastavro schema resolution, and the codec's single-object decoding by
+fingerprint); schemas only ever gained fields that are optional with defaults; and the
+versions of ``schemas/history/`` (folders and ``CHANGES.md``) are the versions of the
+contract's Versions table.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+
+from bus.codec import Codec, SchemaStore, fingerprint
+from bus.constants import SINGLE_OBJECT_MARKER
+from bus.models import Message
+from schemas import HISTORY_DIR, SCHEMA_DIR
+from simulators import samples
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
+CHANGES = HISTORY_DIR / "CHANGES.md"
+VERSION_RE = re.compile(r"^v(\d+)\.(\d+)$")
+
+SAMPLE_BY_NAME: dict[str, Message] = {m.avro_name: m for m in samples.ALL}
+
+
+def version_key(name: str) -> tuple[int, int]:
+    match = VERSION_RE.match(name)
+    assert match is not None, f"{name} is not a version name vMAJOR.MINOR"
+    return int(match.group(1)), int(match.group(2))
+
+
+def version_folders() -> list[Path]:
+    """The version folders of schemas/history, oldest first."""
+    folders = [p for p in HISTORY_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")]
+    return sorted(folders, key=lambda p: version_key(p.name))
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def full_name(schema: dict[str, Any]) -> str:
+    return f"{schema['namespace']}.{schema['name']}"
+
+
+def current_schemas() -> dict[str, dict[str, Any]]:
+    return {full_name(s): s for s in (load(p) for p in sorted(SCHEMA_DIR.glob("*.avsc")))}
+
+
+def historical() -> list[tuple[str, Path]]:
+    return [(f.name, p) for f in version_folders() for p in sorted(f.glob("*.avsc"))]
+
+
+def parse(schema: dict[str, Any]) -> Any:
+    return fastavro.parse_schema(schema, _write_hint=True, named_schemas={})
+
+
+def changes_versions() -> dict[str, str]:
+    """Version -> the heading text after it, from CHANGES.md (``## v1.1 — headers only``)."""
+    found = re.findall(r"^## (v\d+\.\d+)\b(.*)$", CHANGES.read_text(encoding="utf-8"), re.M)
+    return dict(found)
+
+
+def doc_versions() -> list[str]:
+    """The versions in the first column of the contract's Versions table."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("\n## Versions\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\|\s*(v\d+\.\d+)\s*\|", section, re.M)
+
+
+def test_there_is_a_history() -> None:
+    assert version_folders(), "schemas/history has no version folder"
+    assert (HISTORY_DIR / "README.md").is_file()
+    assert CHANGES.is_file()
+
+
+def test_each_version_folder_is_complete() -> None:
+    """A version folder holds every family, each file under its record's name."""
+    names = set(current_schemas())
+    for folder in version_folders():
+        schemas = {p.stem: load(p) for p in folder.glob("*.avsc")}
+        assert all(s["name"] == stem for stem, s in schemas.items()), folder
+        assert {full_name(s) for s in schemas.values()} >= names, folder
+
+
+@pytest.mark.parametrize("name", sorted(current_schemas()))
+def test_every_current_schema_is_in_the_newest_version(name: str) -> None:
+    """Identical to the newest published copy, or newer and able to read it."""
+    current = current_schemas()[name]
+    newest = version_folders()[-1]
+    path = newest / f"{current['name']}.avsc"
+    assert path.is_file(), f"{name} is not published in {newest.name}"
+    published = load(path)
+    if fingerprint(published) == fingerprint(current):
+        return
+    _read_old_with_current(published, current)
+
+
+@pytest.mark.parametrize(("version", "path"), historical(), ids=lambda x: str(x))
+def test_every_historical_schema_is_read_by_the_current_one(version: str, path: Path) -> None:
+    old = load(path)
+    current = current_schemas().get(full_name(old))
+    assert current is not None, f"{version}/{path.name}: no current schema of that name"
+    _read_old_with_current(old, current)
+
+
+def _read_old_with_current(old: dict[str, Any], current: dict[str, Any]) -> None:
+    """Write a sample record with ``old`` and read it with ``current``, with fastavro's schema
+    resolution and with the codec (single-object, resolved by the old fingerprint)."""
+    name = full_name(old)
+    sample = SAMPLE_BY_NAME[name]
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, parse(old), sample.model_dump())
+    body.seek(0)
+    record = fastavro.schemaless_reader(body, parse(old), parse(current))
+    assert isinstance(record, dict)
+    assert set(record) == {f["name"] for f in current["fields"]}
+    wire = SINGLE_OBJECT_MARKER + fingerprint(old) + body.getvalue()
+    assert SchemaStore.default().by_fingerprint(fingerprint(old)) is not None, (
+        f"the codec does not know the fingerprint of {name} as published"
+    )
+    decoded = Codec().decode(wire)
+    assert decoded.avro_name == name
+    if fingerprint(old) == fingerprint(current):
+        assert decoded == sample
+
+
+def test_fields_are_only_added_as_optional_with_defaults() -> None:
+    """From one version to the next (and to the current schemas), no field disappears or
+    changes type, and every new field has a default."""
+    chain: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for version, path in historical():
+        old = load(path)
+        chain.setdefault(full_name(old), []).append((version, old))
+    for name, schema in current_schemas().items():
+        chain.setdefault(name, []).append(("current", schema))
+    for name, steps in chain.items():
+        for (v_old, old), (v_new, new) in itertools.pairwise(steps):
+            old_fields = {f["name"]: f for f in old["fields"]}
+            new_fields = {f["name"]: f for f in new["fields"]}
+            removed = set(old_fields) - set(new_fields)
+            assert not removed, f"{name}: {v_new} removed {sorted(removed)} of {v_old}"
+            for field_name, f in old_fields.items():
+                assert fingerprint(_alone(new_fields[field_name])) == fingerprint(_alone(f)), (
+                    f"{name}.{field_name} changed type from {v_old} to {v_new}"
+                )
+            for field_name in set(new_fields) - set(old_fields):
+                assert "default" in new_fields[field_name], (
+                    f"{name}.{field_name}, added in {v_new}, has no default"
+                )
+
+
+def _alone(field: dict[str, Any]) -> dict[str, Any]:
+    """A field's type as a one-field record, for comparing canonical forms."""
+    return {"type": "record", "name": "F", "fields": [{"name": "f", "type": field["type"]}]}
+
+
+def test_versions_agree_between_history_changes_and_the_contract() -> None:
+    changes = changes_versions()
+    folders = [f.name for f in version_folders()]
+    documented = doc_versions()
+    assert documented, "docs/contract.md has no Versions table"
+    assert sorted(documented, key=version_key) == sorted(changes, key=version_key)
+    assert len(set(documented)) == len(documented)
+    assert set(folders) <= set(changes), "a version folder is missing from CHANGES.md"
+    for version, heading in changes.items():
+        if version not in folders:
+            assert "headers only" in heading, (
+                f"{version} has no schema folder, so CHANGES.md must say 'headers only'"
+            )
+    newest_doc = max(documented, key=version_key)
+    assert DOC.read_text(encoding="utf-8").startswith(f"# Wire contract {newest_doc} ")
