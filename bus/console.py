@@ -44,6 +44,7 @@ from bus.ops import (
     coords,
     error_event,
     follow_records,
+    owed_report,
     pending_report,
     pending_summary,
     replay,
@@ -275,10 +276,12 @@ class Console:
         now = now_ms()
         rows = [row for store in self.stores.values() for row in pending_report(store, now)]
         rows.sort(key=lambda r: ({"overdue": 0, "near": 1}.get(r.status, 2), r.deadline_ms))
+        owed = [row for p, store in self.stores.items() for row in owed_report(store, p, now)]
         return {
             "now_ms": now,
             "rows": [r.to_json() for r in rows],
             "by_target": pending_summary(rows),
+            "owed": [r.to_json() for r in owed],
         }
 
     def stats_json(self) -> dict[str, Any]:

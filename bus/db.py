@@ -78,6 +78,17 @@ class Database:
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: cannot create tables: {exc}") from exc
 
+    def add_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Add the columns a table created by an older version lacks (name → SQL type)."""
+        with self._lock:
+            try:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, sql_type in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot add columns to {table}: {exc}") from exc
+
     # --- steps ----------------------------------------------------------------------------
     def current(self) -> Step | None:
         """The step the running task is inside on this database, or None."""

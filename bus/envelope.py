@@ -43,6 +43,7 @@ from bus.models import (
     FilingReceipt,
     FilingUpload,
     Message,
+    RequestAcknowledgement,
     ReviewResult,
     SettlementNotice,
 )
@@ -55,6 +56,7 @@ FAMILY_OF: dict[type[Message], str] = {
     FilingReceipt: FAMILY_REPLY,
     ReviewResult: FAMILY_REPLY,
     ErrorReport: FAMILY_ERROR,
+    RequestAcknowledgement: FAMILY_REPLY,
 }
 """The topic family each message type travels on."""
 
@@ -73,6 +75,7 @@ SUBJECT_OF: dict[type[Message], str] = {
     ClaimPackage: "claim_id",
     ReviewResult: "claim_id",
     SettlementNotice: "claim_id",
+    RequestAcknowledgement: "subject_id",
 }
 """The payload field naming what a message is about: a reply must name the same one as its
 request."""
@@ -268,5 +271,8 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
                 f"headers say {envelope.source}->{envelope.target}, "
                 f"the {message.avro_name} says {src}->{dst}",
             )
-    elif type(message) in (FilingReceipt, ReviewResult) and envelope.correlation_id is None:
+    elif (
+        type(message) in (FilingReceipt, ReviewResult, RequestAcknowledgement)
+        and envelope.correlation_id is None
+    ):
         raise DecodeError("missing_header", "a reply needs xs-correlation-id")

@@ -253,6 +253,26 @@ class ErrorReport(Message):
     details: dict[str, str] = Field(default_factory=dict)
 
 
+class AckState(StrEnum):
+    """Where an acknowledged request stands (contract v1.2)."""
+
+    RECEIVED = "RECEIVED"
+    ACCEPTED_FOR_REVIEW = "ACCEPTED_FOR_REVIEW"
+    UNKNOWN = "UNKNOWN"
+
+
+class RequestAcknowledgement(Message):
+    """Non-terminal: the request arrived and its answer is expected by ``expected_by``."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.RequestAcknowledgement"
+    request_type: str
+    subject_id: str
+    state: AckState = AckState.UNKNOWN
+    expected_by: Timestamp | None = None
+    note: str = ""
+    acknowledged_at: Timestamp
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     FilingUpload,
     FilingReceipt,
@@ -260,6 +280,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ReviewResult,
     SettlementNotice,
     ErrorReport,
+    RequestAcknowledgement,
 )
 """Every top-level family, in contract order."""
 

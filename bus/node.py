@@ -44,10 +44,18 @@ reply from another province than the one       ``INVALID_MESSAGE`` to the replie
 asked, of a family not paired with the         the request stays open
 request, or about another claim/filing
 handler returns :data:`DEFER`                   the obligation stored in the record's step,
-                                               the partition freed; :meth:`Node.answer` later
-                                               sends the one answer (a second call sends
-                                               nothing); a redelivery while open sends
-                                               nothing, after: the stored answer
+                                               the partition freed, a RequestAcknowledgement
+                                               sent at once; :meth:`Node.answer` later sends
+                                               the one answer (a second call sends nothing);
+                                               a redelivery while open: the acknowledgement
+                                               again; after: the stored answer
+acknowledgement of a request of ours           stored (acknowledged at, expected by), told to
+                                               :meth:`Node.on_acknowledged`; the request stays
+                                               open and is no longer re-sent. From another
+                                               province or about another subject: refused
+                                               like an answer
+no answer nor acknowledgement for              the request is sent again (same id, attempt
+``ack_window_s`` after a send                  + 1), at most ``unacknowledged_sends`` sends
 reply for a request already answered           ignored, logged
 reply matching no request                      ``ORPHAN_REPLY`` to the replier's error topic
 answer after the deadline                      delivered as a *late* answer, not terminal
@@ -80,6 +88,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import datetime as dt
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,10 +130,12 @@ from bus.envelope import (
 from bus.errors import BusError, DecodeError, Rejection, RoutingError, StoreError
 from bus.metrics import Metrics
 from bus.models import (
+    AckState,
     ErrorCode,
     ErrorReport,
     FilingReceipt,
     Message,
+    RequestAcknowledgement,
     ReviewResult,
     Severity,
     now,
@@ -214,14 +225,41 @@ class Deferred:
     step, the offset committed and the partition freed at once."""
 
     note: str = ""
-    """Why the answer waits (logged)."""
+    """Why the answer waits: logged, and sent to the requester in the acknowledgement."""
+    expected_by_ms: int | None = None
+    """When the answer is expected (epoch milliseconds), told to the requester; None: by the
+    request's deadline."""
+    state: str = "ACCEPTED_FOR_REVIEW"
+    """The acknowledgement's state: ``RECEIVED`` or ``ACCEPTED_FOR_REVIEW``."""
 
 
 DEFER = Deferred()
 """The plain :class:`Deferred`."""
 
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """A request of ours acknowledged by its target (not an answer: the request stays open)."""
+
+    request_id: str
+    """``xs-message-id`` of the request."""
+    request_type: str
+    """Full Avro name of the request."""
+    target: str
+    """Province that acknowledged it (the one asked)."""
+    state: str
+    """``RECEIVED`` or ``ACCEPTED_FOR_REVIEW``."""
+    expected_by_ms: int | None
+    """When the answer is expected (None: by the deadline)."""
+    note: str
+    """The acknowledgement's note."""
+    first: bool
+    """True for the first acknowledgement of this request."""
+
+
 Handler = Callable[[Any, Context], Awaitable[Message | Deferred | None]]
 AnswerCallback = Callable[[Answer], Awaitable[None]]
+AckCallback = Callable[[Acknowledged], Awaitable[None]]
 
 
 @dataclass
@@ -314,6 +352,7 @@ class Node:
         """Set when a worker died unexpectedly (see :attr:`failure`)."""
         self._handlers: dict[type[Message], Handler] = {}
         self._answer_callbacks: dict[str, AnswerCallback] = {}
+        self._ack_callbacks: dict[str, AckCallback] = {}
         self._waiters: dict[str, asyncio.Future[Answer]] = {}
         self._workers: dict[Partition, _Worker] = {}
         self._producer = Producer(settings, bootstrap, name=f"{province}-out")
@@ -356,6 +395,17 @@ class Node:
 
         def register(callback: AnswerCallback) -> AnswerCallback:
             self._answer_callbacks[request_model.avro_name] = callback
+            return callback
+
+        return register
+
+    def on_acknowledged(self, request_model: type[Message]) -> Callable[[AckCallback], AckCallback]:
+        """Register the callback told when a request of ``request_model`` is acknowledged (a
+        claim accepted for review, expected by a date). It runs inside the step that stores
+        the acknowledgement."""
+
+        def register(callback: AckCallback) -> AckCallback:
+            self._ack_callbacks[request_model.avro_name] = callback
             return callback
 
         return register
@@ -680,7 +730,7 @@ class Node:
             record = OutRecord(
                 pending.record.topic, pending.record.key, pending.record.value, env.to_headers()
             )
-            self.store.bump_attempt(request_id, record)
+            self.store.bump_attempt(request_id, record, now_ms())
             self._emit(record)
         self.metrics.inc("xsettle_resends_total")
         self._log.info("request_resent", message_id=request_id, attempt=env.attempt)
@@ -932,8 +982,14 @@ class Node:
             )
             if seen.answer is not None:
                 self._emit(resent(seen.answer))
+            else:
+                ob = self.store.get_obligation(env.message_id)
+                if ob is not None and ob.state == OPEN:
+                    self._emit(self._ack_out(env, rec, ob.expected_by_ms, ob.ack_state, ob.note))
             return
-        if self._is_answer(env, message):
+        if isinstance(message, RequestAcknowledgement):
+            await self._on_ack(rec, env, message)
+        elif self._is_answer(env, message):
             await self._on_answer(rec, env, message)
         else:
             await self._handle(rec, env, message)
@@ -961,18 +1017,26 @@ class Node:
             if message.ref_message_id not in (None, pending.message_id):
                 return f"the ErrorReport is about {message.ref_message_id}, not the request"
             return None
-        expected = REPLY_OF_NAME.get(pending.message_type)
-        if expected is None or not isinstance(message, expected):
-            return (
-                f"{env.message_type} cannot answer {pending.message_type}; "
-                f"the contract pairs it with {expected.avro_name if expected else 'nothing'}"
-            )
+        if isinstance(message, RequestAcknowledgement):
+            if message.request_type != pending.message_type:
+                return (
+                    f"the acknowledgement is of a {message.request_type}, the request "
+                    f"{pending.message_id} is a {pending.message_type}"
+                )
+        else:
+            expected = REPLY_OF_NAME.get(pending.message_type)
+            if expected is None or not isinstance(message, expected):
+                return (
+                    f"{env.message_type} cannot answer {pending.message_type}; "
+                    f"the contract pairs it with {expected.avro_name if expected else 'nothing'}"
+                )
         name = SUBJECT_OF.get(type(message))
         if name is not None:
-            asked = getattr(self.codec.decode(pending.record.value), name)
+            request = self.codec.decode(pending.record.value)
+            asked = getattr(request, SUBJECT_OF.get(type(request), name), None)
             told = getattr(message, name)
             if asked != told:
-                return f"the answer is about {name} {told}, the request was about {asked}"
+                return f"the {env.message_type} is about {told}, the request was about {asked}"
         return None
 
     async def _on_answer(self, rec: Record, env: Envelope, message: Message) -> None:
@@ -1040,6 +1104,80 @@ class Node:
             bound.info("duplicate_answer_ignored", state=before)
             self.metrics.inc("xsettle_answers_total", outcome="duplicate")
 
+    async def _on_ack(self, rec: Record, env: Envelope, message: RequestAcknowledgement) -> None:
+        """An acknowledgement of one of our requests: stored (the request is not re-sent any
+        more and shows when its answer is expected), told to the callback. Checked like an
+        answer: from the province asked, about the same request and subject."""
+        assert env.correlation_id is not None
+        pending = self.store.get_pending(env.correlation_id)
+        self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
+        why = (
+            f"{env.correlation_id} is no request of {self.province}"
+            if pending is None
+            else self._mismatch(pending, env, message)
+        )
+        if why is not None:
+            self._log.warning("acknowledgement_refused", message_id=env.message_id, reason=why)
+            self.metrics.inc("xsettle_acknowledgements_total", outcome="refused")
+            code = ErrorCode.ORPHAN_REPLY if pending is None else ErrorCode.INVALID_MESSAGE
+            rep = report(
+                code, why, detected_by=self.province, origin=env.source,
+                responsible=env.source, severity=Severity.WARNING, ref=env, record=rec,
+            )  # fmt: skip
+            for to in dict.fromkeys((env.source, self.province)):
+                self._emit(self._report_out(rep, to, rec.key, env.message_id))
+            return
+        assert pending is not None
+        expected = int(message.expected_by.timestamp() * 1000) if message.expected_by else None
+        self.store.record_ack(
+            pending.message_id, now_ms(), message.state.value, expected, message.note
+        )
+        self.metrics.inc("xsettle_acknowledgements_total", outcome="ok")
+        self._log.info(
+            "request_acknowledged", request_id=pending.message_id, by=env.source,
+            state=message.state.value, expected_by_ms=expected, state_before=pending.state,
+        )  # fmt: skip
+        callback = self._ack_callbacks.get(pending.message_type)
+        if callback is not None and pending.state == PENDING:
+            await callback(
+                Acknowledged(
+                    request_id=pending.message_id,
+                    request_type=pending.message_type,
+                    target=pending.target,
+                    state=message.state.value,
+                    expected_by_ms=expected,
+                    note=message.note,
+                    first=pending.acknowledged_at_ms is None,
+                )
+            )
+
+    def _ack_out(
+        self,
+        env: Envelope,
+        rec: Record,
+        expected_by_ms: int | None,
+        state: str | None,
+        note: str,
+    ) -> OutRecord:
+        """The RequestAcknowledgement of the request ``env`` (to its reply topic)."""
+        request = self.codec.decode(rec.value or b"")
+        subject = SUBJECT_OF.get(type(request))
+        ack = RequestAcknowledgement(
+            request_type=env.message_type,
+            subject_id=str(getattr(request, subject)) if subject else env.message_id,
+            state=AckState(state) if state and state in AckState.__members__ else AckState.RECEIVED,
+            expected_by=(
+                dt.datetime.fromtimestamp(expected_by_ms / 1000, dt.UTC)
+                if expected_by_ms is not None
+                else None
+            ),
+            note=note[:ERROR_TEXT_MAX],
+            acknowledged_at=now(),
+        )
+        ack_env = self._envelope(ack, env.source, correlation_id=env.message_id)
+        self.metrics.inc("xsettle_acknowledgements_sent_total")
+        return self._out(ack, ack_env, rec.key, topic(FAMILY_REPLY, env.source))
+
     async def _deliver(
         self, pending: PendingRequest, message: Message, *, late: bool = False
     ) -> None:
@@ -1091,6 +1229,9 @@ class Node:
                 if is_request and isinstance(result, Deferred):
                     self._defer(env, rec, result)
                     self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
+                    self._emit(
+                        self._ack_out(env, rec, result.expected_by_ms, result.state, result.note)
+                    )
                     return
                 if is_request:
                     expected = REPLY_OF[type(message)]
@@ -1141,6 +1282,9 @@ class Node:
                 deadline_ms=env.deadline_ms or now_ms(),
                 accepted_at_ms=now_ms(),
                 state=OPEN,
+                expected_by_ms=deferred.expected_by_ms,
+                ack_state=deferred.state,
+                note=deferred.note,
             )
         )
         self.metrics.inc("xsettle_answers_deferred_total", family=family_of_topic(rec.topic))
@@ -1285,6 +1429,32 @@ class Node:
                 )
         return expired
 
+    async def resend_unacknowledged(self) -> int:
+        """Send again (same id, ``xs-attempt`` + 1) each request that has had neither answer
+        nor acknowledgement for ``ack_window_s`` since its last send, up to
+        ``unacknowledged_sends`` sends; returns how many. A lost record surfaces in minutes:
+        the receiver answers a re-send with its stored answer or its acknowledgement."""
+        now = now_ms()
+        window = self.settings.ack_window_s * 1000
+        again = self.store.unacknowledged(
+            now - window, now, self.settings.unacknowledged_sends, SWEEP_BATCH
+        )
+        count = 0
+        for pending in again:
+            try:
+                if await self.resend(pending.message_id):
+                    count += 1
+                    self.metrics.inc("xsettle_unacknowledged_resends_total")
+                    self._log.warning(
+                        "request_unacknowledged", message_id=pending.message_id,
+                        target=pending.target, attempt=pending.attempt + 1,
+                    )  # fmt: skip
+            except BusError as exc:
+                self._log.error(
+                    "resend_failed", message_id=pending.message_id, error=repr(exc)[:300]
+                )
+        return count
+
     async def _expire(self, pending: PendingRequest) -> None:
         """Report DEADLINE_EXCEEDED for one request and hand it to the caller (in a step)."""
         env = Envelope.from_headers(pending.record.headers)
@@ -1313,6 +1483,7 @@ class Node:
             try:
                 while await self.sweep() == SWEEP_BATCH:
                     pass
+                await self.resend_unacknowledged()
                 if time.monotonic() - last_prune > 3600:
                     last_prune = time.monotonic()
                     async with self.step():

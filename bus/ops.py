@@ -711,6 +711,13 @@ class PendingRow:
     direction: str = AWAITED
     """``awaited`` (we wait for ``target``'s answer) or ``owed`` (we, ``target``, owe
     ``source`` a deferred answer)."""
+    acknowledged_at_ms: int | None = None
+    """Awaited: when ``target`` acknowledged it (None: not acknowledged); owed: when we
+    accepted it (and acknowledged it)."""
+    expected_by_ms: int | None = None
+    """When the answer is expected, as the acknowledgement said."""
+    ack_state: str | None = None
+    """The acknowledgement's state (``ACCEPTED_FOR_REVIEW``...)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for JSON (the key is already masked)."""
@@ -728,6 +735,10 @@ class PendingRow:
             "remaining_s": round(self.remaining_s, 3),
             "status": self.status,
             "age_bucket": self.age_bucket,
+            "acknowledged": self.acknowledged_at_ms is not None,
+            "acknowledged_at_ms": self.acknowledged_at_ms,
+            "expected_by_ms": self.expected_by_ms,
+            "ack_state": self.ack_state,
         }
 
 
@@ -762,6 +773,9 @@ def pending_row(request: PendingRequest, now_ms_: int) -> PendingRow:
         remaining_s=remaining,
         status=status,
         age_bucket=age_bucket(age),
+        acknowledged_at_ms=request.acknowledged_at_ms,
+        expected_by_ms=request.expected_by_ms,
+        ack_state=request.ack_state,
     )
 
 
@@ -782,6 +796,9 @@ def owed_row(obligation: Obligation, province: str, now_ms_: int) -> PendingRow:
         status=status,
         age_bucket=age_bucket(age),
         direction=OWED,
+        acknowledged_at_ms=obligation.accepted_at_ms,
+        expected_by_ms=obligation.expected_by_ms,
+        ack_state=obligation.ack_state,
     )
 
 
@@ -813,12 +830,14 @@ def pending_summary(rows: Iterable[PendingRow]) -> list[dict[str, Any]]:
                 OVERDUE: 0,
                 NEAR: 0,
                 WAITING: 0,
+                "unacknowledged": 0,
                 "oldest_age_s": 0.0,
                 "by_age": {},
             },
         )
         entry["total"] += 1
         entry[row.status] += 1
+        entry["unacknowledged"] += row.acknowledged_at_ms is None
         entry["oldest_age_s"] = max(entry["oldest_age_s"], round(row.age_s, 3))
         entry["by_age"][row.age_bucket] = entry["by_age"].get(row.age_bucket, 0) + 1
     return sorted(by_target.values(), key=lambda e: (-e[OVERDUE], -e[NEAR], e["target"]))

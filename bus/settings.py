@@ -105,6 +105,14 @@ class BusSettings(BaseModel):
     """Tries of a transiently failing handler before it becomes INTERNAL_ERROR."""
     sweep_interval_ms: int = Field(default=200, ge=10)
     """How often the deadline sweeper looks for overdue requests."""
+    ack_window_s: int = Field(default=300, ge=1)
+    """A request with neither answer nor acknowledgement this long after its last send is
+    sent again (same id, ``xs-attempt`` + 1): a lost record surfaces in minutes, not at a
+    7-day deadline. Requests whose deadline comes first are left to the deadline."""
+    unacknowledged_sends: int = Field(default=4, ge=1)
+    """Sends of a request that is never acknowledged (the first and the re-sends): a province
+    that does not acknowledge (an older one) is not re-sent to for ever; its answer still
+    closes the request."""
     retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     """Answered requests and processed message ids are pruned after this long."""
 

@@ -76,6 +76,16 @@ class PendingRequest:
     """The answer, once one came."""
     answered_at_ms: int | None = None
     """When the answer came."""
+    acknowledged_at_ms: int | None = None
+    """When the target's first RequestAcknowledgement came (None: not acknowledged)."""
+    ack_state: str | None = None
+    """The latest acknowledgement's state (``RECEIVED``, ``ACCEPTED_FOR_REVIEW``)."""
+    expected_by_ms: int | None = None
+    """When the answer is expected, by the latest acknowledgement."""
+    ack_note: str | None = None
+    """The latest acknowledgement's note."""
+    last_sent_ms: int | None = None
+    """When the request was last sent (the first send or the latest re-send)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +110,12 @@ class Obligation:
     """The answer sent, once answered."""
     answered_at_ms: int | None = None
     """When it was answered."""
+    expected_by_ms: int | None = None
+    """When we told the requester to expect the answer (None: by the deadline)."""
+    ack_state: str | None = None
+    """The state we acknowledged the request with."""
+    note: str = ""
+    """Why the answer waits (sent in the acknowledgement)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +191,20 @@ class Store(Protocol):
     def due(self, now_ms: int, limit: int) -> list[PendingRequest]:
         """Up to ``limit`` pending requests whose deadline has passed, oldest first."""
 
-    def bump_attempt(self, message_id: str, record: OutRecord) -> None:
-        """Record a re-send: the new record as sent, attempt + 1."""
+    def bump_attempt(self, message_id: str, record: OutRecord, at_ms: int = 0) -> None:
+        """Record a re-send: the new record as sent, attempt + 1, sent at ``at_ms``."""
+
+    def record_ack(
+        self, message_id: str, at_ms: int, state: str, expected_by_ms: int | None, note: str
+    ) -> bool:
+        """Store an acknowledgement of request ``message_id`` (the first one's time is kept);
+        False when the request is unknown."""
+
+    def unacknowledged(
+        self, sent_before_ms: int, now_ms: int, max_attempts: int, limit: int
+    ) -> list[PendingRequest]:
+        """Pending requests neither answered nor acknowledged, last sent before
+        ``sent_before_ms``, deadline still ahead, sent fewer than ``max_attempts`` times."""
 
     def pending_requests(self, limit: int) -> list[PendingRequest]:
         """Requests still waiting, oldest deadline first."""
@@ -271,13 +299,28 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 _PENDING_COLUMNS = (
     "message_id, message_type, target, topic, key, value, headers, attempt, sent_at_ms, "
-    "deadline_ms, state, answer_topic, answer_key, answer_value, answer_headers, answered_at_ms"
+    "deadline_ms, state, answer_topic, answer_key, answer_value, answer_headers, answered_at_ms, "
+    "acked_at_ms, ack_state, expected_by_ms, ack_note, last_sent_ms"
 )
+
+_ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "pending": {
+        "acked_at_ms": "INTEGER",
+        "ack_state": "TEXT",
+        "expected_by_ms": "INTEGER",
+        "ack_note": "TEXT",
+        "last_sent_ms": "INTEGER",
+    },
+    "obligations": {"expected_by_ms": "INTEGER", "ack_state": "TEXT", "note": "TEXT"},
+}
+"""Columns added after a table was first created (contract v1.2): added to an older file at
+open, so a province's state folder keeps working across versions."""
 
 
 def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
     (mid, mtype, target, topic, key, value, headers, attempt, sent, deadline, state,
-     a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
+     a_topic, a_key, a_value, a_headers, a_at, acked_at, ack_state, expected_by, ack_note,
+     last_sent) = row  # fmt: skip
     answer = None
     if a_topic is not None:
         answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), load_headers(bytes(a_headers)))
@@ -292,18 +335,23 @@ def _row_to_pending(row: tuple[Any, ...]) -> PendingRequest:
         state=str(state),
         answer=answer,
         answered_at_ms=int(a_at) if a_at is not None else None,
+        acknowledged_at_ms=int(acked_at) if acked_at is not None else None,
+        ack_state=ack_state,
+        expected_by_ms=int(expected_by) if expected_by is not None else None,
+        ack_note=ack_note,
+        last_sent_ms=int(last_sent) if last_sent is not None else int(sent),
     )
 
 
 _OBLIGATION_COLUMNS = (
     "request_id, request_type, source, key, deadline_ms, accepted_at_ms, state, answer_topic, "
-    "answer_key, answer_value, answer_headers, answered_at_ms"
+    "answer_key, answer_value, answer_headers, answered_at_ms, expected_by_ms, ack_state, note"
 )
 
 
 def _row_to_obligation(row: tuple[Any, ...]) -> Obligation:
     (rid, rtype, source, key, deadline, accepted, state,
-     a_topic, a_key, a_value, a_headers, a_at) = row  # fmt: skip
+     a_topic, a_key, a_value, a_headers, a_at, expected_by, ack_state, note) = row  # fmt: skip
     answer = None
     if a_topic is not None:
         answer = OutRecord(str(a_topic), _b(a_key), bytes(a_value), load_headers(bytes(a_headers)))
@@ -317,6 +365,9 @@ def _row_to_obligation(row: tuple[Any, ...]) -> Obligation:
         state=str(state),
         answer=answer,
         answered_at_ms=int(a_at) if a_at is not None else None,
+        expected_by_ms=int(expected_by) if expected_by is not None else None,
+        ack_state=ack_state,
+        note=note or "",
     )
 
 
@@ -332,6 +383,8 @@ class SqliteStore:
         self.db = db if isinstance(db, Database) else Database(db)
         self.path = self.db.path
         self.db.migrate(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            self.db.add_columns(table, columns)
         self.audit: AuditLog = SqliteAuditLog(self.db)
 
     def step(self) -> AbstractAsyncContextManager[Step]:
@@ -386,10 +439,10 @@ class SqliteStore:
         with self.db.write() as cur:
             cur.execute(
                 f"INSERT OR IGNORE INTO pending ({_PENDING_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)",
                 (request.message_id, request.message_type, request.target, r.topic, r.key,
                  r.value, dump_headers(r.headers), request.attempt, request.sent_at_ms,
-                 request.deadline_ms, request.state),
+                 request.deadline_ms, request.state, request.sent_at_ms),
             )  # fmt: skip
 
     def get_pending(self, message_id: str) -> PendingRequest | None:
@@ -460,12 +513,35 @@ class SqliteStore:
         )
         return [_row_to_pending(r) for r in rows]
 
-    def bump_attempt(self, message_id: str, record: OutRecord) -> None:
+    def bump_attempt(self, message_id: str, record: OutRecord, at_ms: int = 0) -> None:
         with self.db.write() as cur:
             cur.execute(
-                "UPDATE pending SET attempt = attempt + 1, headers = ? WHERE message_id = ?",
-                (dump_headers(record.headers), message_id),
+                "UPDATE pending SET attempt = attempt + 1, headers = ?, "
+                "last_sent_ms = COALESCE(NULLIF(?, 0), last_sent_ms) WHERE message_id = ?",
+                (dump_headers(record.headers), at_ms, message_id),
             )
+
+    def record_ack(
+        self, message_id: str, at_ms: int, state: str, expected_by_ms: int | None, note: str
+    ) -> bool:
+        with self.db.write() as cur:
+            done = cur.execute(
+                "UPDATE pending SET acked_at_ms = COALESCE(acked_at_ms, ?), ack_state = ?, "
+                "expected_by_ms = ?, ack_note = ? WHERE message_id = ?",
+                (at_ms, state, expected_by_ms, note, message_id),
+            ).rowcount
+        return bool(done)
+
+    def unacknowledged(
+        self, sent_before_ms: int, now_ms: int, max_attempts: int, limit: int
+    ) -> list[PendingRequest]:
+        rows = self._query(
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? AND acked_at_ms IS NULL "
+            "AND COALESCE(last_sent_ms, sent_at_ms) < ? AND deadline_ms > ? AND attempt < ? "
+            "ORDER BY deadline_ms LIMIT ?",
+            (PENDING, sent_before_ms, now_ms, max_attempts, limit),
+        )
+        return [_row_to_pending(r) for r in rows]
 
     def pending_requests(self, limit: int) -> list[PendingRequest]:
         rows = self._query(
@@ -515,9 +591,10 @@ class SqliteStore:
         with self.db.write() as cur:
             cur.execute(
                 "INSERT OR IGNORE INTO obligations (request_id, request_type, source, key, "
-                "deadline_ms, accepted_at_ms, state) VALUES (?,?,?,?,?,?,?)",
+                "deadline_ms, accepted_at_ms, state, expected_by_ms, ack_state, note) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (o.request_id, o.request_type, o.source, o.key, o.deadline_ms,
-                 o.accepted_at_ms, o.state),
+                 o.accepted_at_ms, o.state, o.expected_by_ms, o.ack_state, o.note),
             )  # fmt: skip
 
     def get_obligation(self, request_id: str) -> Obligation | None:

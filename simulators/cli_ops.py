@@ -24,6 +24,7 @@ from bus.envelope import now_ms
 from bus.ops import (
     ErrorAggregate,
     ErrorEvent,
+    PendingRow,
     Since,
     coords,
     follow_errors,
@@ -276,23 +277,34 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     if not rows:
         print("nothing pending")
         return 0
-    print(f"{'target':<8}{'total':>7}{'overdue':>9}{'near':>7}{'waiting':>9}  oldest")
+    print(f"{'target':<8}{'total':>7}{'overdue':>9}{'near':>7}{'waiting':>9}{'unacked':>9}  oldest")
     for t in pending_summary(rows):
         print(
             f"{t['target']:<8}{t['total']:>7}{t['overdue']:>9}{t['near']:>7}{t['waiting']:>9}"
-            f"  {t['oldest_age_s']:.0f} s"
+            f"{t['unacknowledged']:>9}  {t['oldest_age_s']:.0f} s"
         )
     print()
     print(
         f"{'status':<9}{'from':<8}{'to':<8}{'type':<16}{'message id':<38}{'age':>10}{'due in':>10}"
+        "  acknowledged"
     )
     for r in rows:
         print(
             f"{r.status:<9}{r.source or '-':<8}{r.target:<8}"
             f"{r.message_type.removeprefix('xsettle.v1.'):<16}{r.message_id:<38}"
-            f"{r.age_s:>9.0f}s{r.remaining_s:>9.0f}s"
+            f"{r.age_s:>9.0f}s{r.remaining_s:>9.0f}s  {_acknowledged(r, now)}"
         )
     return 0
+
+
+def _acknowledged(row: PendingRow, now: int) -> str:
+    """ "acknowledged 12 s ago, expected in 3.5 d" or "not acknowledged"."""
+    if row.acknowledged_at_ms is None:
+        return "not acknowledged"
+    text = f"{row.ack_state or 'acknowledged'} {(now - row.acknowledged_at_ms) / 1000:.0f} s ago"
+    if row.expected_by_ms is not None:
+        text += f", expected in {(row.expected_by_ms - now) / 86_400_000:.1f} d"
+    return text
 
 
 async def cmd_console(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from bus.models import (
+    AckState,
     CatalogueClass,
     ClaimItem,
     ClaimPackage,
@@ -20,6 +21,7 @@ from bus.models import (
     ItemAdjustment,
     ItemCategory,
     Message,
+    RequestAcknowledgement,
     ReviewDecision,
     ReviewResult,
     SettlementMode,
@@ -166,5 +168,25 @@ def error_report() -> ErrorReport:
     )
 
 
-ALL: tuple[Message, ...] = (filing(), receipt(), claim(), review(), notice(), error_report())
+def acknowledgement(claim_id: str = "C-460100-1") -> RequestAcknowledgement:
+    """The home's acknowledgement of :func:`claim`: accepted for review, due in two weeks."""
+    return RequestAcknowledgement(
+        request_type=ClaimPackage.avro_name,
+        subject_id=claim_id,
+        state=AckState.ACCEPTED_FOR_REVIEW,
+        expected_by=AT + dt.timedelta(days=14),
+        note="delayed review",
+        acknowledged_at=AT,
+    )
+
+
+ALL: tuple[Message, ...] = (
+    filing(),
+    receipt(),
+    claim(),
+    review(),
+    notice(),
+    error_report(),
+    acknowledgement(),
+)
 """One valid message of every family."""

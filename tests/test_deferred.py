@@ -11,11 +11,13 @@ import pytest
 from bus.codec import Codec
 from bus.constants import H_CORRELATION_ID, topic
 from bus.errors import Rejection, RoutingError
-from bus.models import ClaimPackage, ErrorCode, ErrorReport, Message
+from bus.models import ClaimPackage, ErrorCode, ErrorReport, Message, RequestAcknowledgement
 from bus.node import DEFER, Answer, Context, Deferred, Node
 from simulators import samples
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import eventually, hdr, read_topic
+
+ACK = RequestAcknowledgement.avro_name
 
 pytestmark = pytest.mark.broker
 
@@ -77,11 +79,14 @@ class TestDeferredAnswers:
         assert home.owed() == []
         await eventually(lambda: [a.request_id for a in got] == [quick.request_id, deferred_id])
         replies = await read_topic(
-            host.bootstrap, host.settings, topic("reply", host_code), expect=2
+            host.bootstrap, host.settings, topic("reply", host_code), expect=3
         )
-        assert sorted(hdr(r, H_CORRELATION_ID) or "" for r in replies) == sorted(
+        answers = [r for r in replies if hdr(r, "xs-message-type") != ACK]
+        assert sorted(hdr(r, H_CORRELATION_ID) or "" for r in answers) == sorted(
             [deferred_id, quick.request_id]
         )
+        acks = [hdr(r, H_CORRELATION_ID) for r in replies if hdr(r, "xs-message-type") == ACK]
+        assert acks == [deferred_id]  # the deferred claim was acknowledged, once
 
     async def test_obligation_survives_a_restart_and_a_resend_makes_no_second(
         self, make_node: NodeFactory, province_pool: ProvincePool, state_dir: Path

@@ -87,12 +87,16 @@ def test_there_is_a_history() -> None:
 
 
 def test_each_version_folder_is_complete() -> None:
-    """A version folder holds every family, each file under its record's name."""
-    names = set(current_schemas())
+    """A version folder holds every family of its version, each file under its record's
+    name: families are only added, and the newest folder has every current one."""
+    seen: set[str] = set()
     for folder in version_folders():
         schemas = {p.stem: load(p) for p in folder.glob("*.avsc")}
         assert all(s["name"] == stem for stem, s in schemas.items()), folder
-        assert {full_name(s) for s in schemas.values()} >= names, folder
+        names = {full_name(s) for s in schemas.values()}
+        assert names >= seen, f"{folder.name} drops {sorted(seen - names)}"
+        seen = names
+    assert seen >= set(current_schemas())
 
 
 @pytest.mark.parametrize("name", sorted(current_schemas()))
