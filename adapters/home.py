@@ -6,6 +6,12 @@ an agreement with the host (``REGION_NOT_CONNECTED``), the hospital is designate
 ``FILING_EXPIRED``), the amounts add up (``AMOUNT_MISMATCH``), every item is in the host
 catalogue (``CATALOGUE_ITEM_UNKNOWN``), and the claim was not answered before under another
 message id (``DUPLICATE_CLAIM``). The review itself is :func:`adapters.rules.review`.
+
+Without a review desk every claim is reviewed and answered at once. With one
+(``HomeRole(..., review_desk=ReviewDeskSettings(...))``, :mod:`adapters.review_desk`), a DELAYED
+claim that passes the checks is queued with the rules' proposal and its usage reserved, and the
+answer waits for a reviewer's decision; INSTANT and POINT_TO_POINT claims are still answered at
+once, against usage that counts the open reservations.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import structlog
 
 from adapters.backoffice import HomeBackOffice
 from adapters.directory import Directory, province_of
-from adapters.rules import check_amounts, review, review_result
+from adapters.review_desk import ReviewDesk, ReviewDeskSettings
+from adapters.rules import add_usage, check_amounts, review, review_result, spent
 from bus import errors
+from bus.db import Database
 from bus.models import (
     ClaimPackage,
     ErrorCode,
@@ -28,10 +36,11 @@ from bus.models import (
     FilingUpload,
     Message,
     ReviewResult,
+    SettlementMode,
     SettlementNotice,
     now,
 )
-from bus.node import Answer, Context, Node
+from bus.node import Answer, Context, Deferred, Node
 
 log = structlog.get_logger(__name__)
 
@@ -69,11 +78,20 @@ class HomeRole:
         backoffice: HomeBackOffice,
         *,
         reviewer: str | None = None,
+        review_desk: ReviewDeskSettings | None = None,
+        db: Database | None = None,
     ) -> None:
+        """``review_desk``: hold DELAYED claims for a reviewer (None: review every claim at
+        once, as before); ``db``: the province's database the desk's queue lives in (default:
+        the node's store's)."""
         self.node = node
         self.directory = directory
         self.backoffice = backoffice
         self.reviewer = reviewer or f"{node.province}-auto"
+        self.desk: ReviewDesk | None = (
+            None if review_desk is None else ReviewDesk(self, review_desk, db=db)
+        )
+        """The review desk, when DELAYED claims wait for a reviewer."""
         self.reports: list[ErrorReport] = []
         """Error reports addressed to this province that answered nothing of ours."""
         node.on(ClaimPackage)(self._on_claim)
@@ -128,7 +146,7 @@ class HomeRole:
     def _refuse(self, code: ErrorCode, text: str, *, responsible: str) -> errors.Rejection:
         return errors.Rejection(code, text, details={"responsible": responsible})
 
-    async def _on_claim(self, message: Message, ctx: Context) -> ReviewResult:
+    async def _on_claim(self, message: Message, ctx: Context) -> ReviewResult | Deferred:
         assert isinstance(message, ClaimPackage)
         claim = message
         host = ctx.envelope.source
@@ -140,6 +158,13 @@ class HomeRole:
             raise self._refuse(
                 ErrorCode.DUPLICATE_CLAIM,
                 f"claim {claim.claim_id} was already answered (request {request_id})",
+                responsible=host,
+            )
+        queued = self.desk.request_of(claim.claim_id) if self.desk is not None else None
+        if queued is not None and queued != ctx.envelope.message_id:
+            raise self._refuse(
+                ErrorCode.DUPLICATE_CLAIM,
+                f"claim {claim.claim_id} is already under review (request {queued})",
                 responsible=host,
             )
         policy = self.directory.policy(claim.home_region)
@@ -192,7 +217,10 @@ class HomeRole:
                 responsible=host,
             )
         year = claim.discharged_at.year
-        usage = self.backoffice.year_usage(claim.person_id, year)
+        committed = self.backoffice.year_usage(claim.person_id, year)
+        desk = self.desk
+        # With a desk, open reviews of the person reserve part of the caps: count them.
+        usage = committed if desk is None else desk.usage_for(claim.person_id, year)
         outcome = review(
             claim,
             policy,
@@ -201,6 +229,18 @@ class HomeRole:
             assistance_eligible=person.assistance_eligible,
             catalogue_classes=self.directory.catalogue_classes(host),
         )
+        if (
+            desk is not None
+            and claim.settlement_mode is SettlementMode.DELAYED
+            and desk.holds(outcome)
+        ):
+            return desk.open(
+                claim,
+                outcome,
+                request_id=ctx.envelope.message_id,
+                host=host,
+                deadline_ms=ctx.envelope.deadline_ms,
+            )
         result = review_result(outcome, claim.claim_id, self.reviewer, now())
         request_id, stored = self.backoffice.record_review(
             claim.claim_id,
@@ -208,7 +248,7 @@ class HomeRole:
             ctx.envelope.message_id,
             result,
             year,
-            outcome.new_usage,
+            add_usage(committed, spent(outcome)),
             host=host,
         )
         if request_id != ctx.envelope.message_id:

@@ -15,6 +15,7 @@ from adapters.backoffice import SqliteBackOffice
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
+from adapters.review_desk import ReviewDeskSettings
 from bus.db import Database
 from bus.envelope import now_ms
 from bus.node import Node
@@ -80,7 +81,10 @@ class ProvinceSystem:
         state_dir: Path | None = None,
         instant_deadline_s: float = INSTANT_DEADLINE_S,
         delayed_deadline_s: float = DELAYED_DEADLINE_S,
+        review_desk: ReviewDeskSettings | None = None,
     ) -> None:
+        """``review_desk``: the home holds DELAYED claims for a reviewer
+        (``self.home.desk``); None: every claim is reviewed at once."""
         folder = state_dir or settings.state_dir
         self.province = province
         self.directory = directory
@@ -93,7 +97,9 @@ class ProvinceSystem:
             store=SqliteStore(self.db),
         )
         self.backoffice = SqliteBackOffice(self.db)
-        self.home = HomeRole(self.node, directory, self.backoffice)
+        self.home = HomeRole(
+            self.node, directory, self.backoffice, review_desk=review_desk, db=self.db
+        )
         self.host = HostRole(
             self.node,
             directory,

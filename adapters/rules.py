@@ -13,7 +13,7 @@ Ratios are integer per-mille (‰); money is integer fen.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Final, NamedTuple, Self
 
@@ -250,22 +250,7 @@ def _item_class(
     return catalogue_classes.get(item.item_code, item.catalogue_class)
 
 
-def review(
-    claim: ClaimPackage,
-    policy: Policy,
-    usage: YearUsage,
-    *,
-    insurance_type: InsuranceType,
-    assistance_eligible: bool,
-    catalogue_classes: Mapping[str, CatalogueClass] | None = None,
-) -> Review:
-    """Review a claim whose amounts passed :func:`check_amounts` under the home's policy.
-
-    Items are classed under the host catalogue (``catalogue_classes``, item code to class;
-    items it lacks keep the class written on the claim). The deductible applies per claim.
-    Raises ``ValueError`` for a claim of another home region or with inconsistent amounts, and
-    :class:`PolicyTierMissingError` when the policy has no tier for the visit.
-    """
+def _checked_tier(claim: ClaimPackage, policy: Policy, insurance_type: InsuranceType) -> PolicyTier:
     if claim.home_region != policy.home_region:
         raise ValueError(
             f"claim {claim.claim_id} is for home region {claim.home_region},"
@@ -274,38 +259,53 @@ def review(
     structural = _structure_problems(claim)
     if structural:
         raise ValueError(f"claim {claim.claim_id} has inconsistent amounts: {structural}")
-    tier = policy.tier(insurance_type, claim.hospital_level)
+    return policy.tier(insurance_type, claim.hospital_level)
 
-    eligible = 0
-    adjustments: list[ItemAdjustment] = []
-    for item in claim.items:
-        amount = item.amount_fen
-        cls = _item_class(item, catalogue_classes)
-        if cls == CatalogueClass.A:
-            eligible += amount
-        elif cls == CatalogueClass.B:
-            approved = share(amount, PERMILLE - policy.class_b_self_permille)
-            eligible += approved
-            if approved != amount:
-                adjustments.append(
-                    ItemAdjustment(
-                        item_code=item.item_code,
-                        approved_fen=approved,
-                        reason_code=REASON_B_SELF_SHARE,
-                        note=f"乙类先行自付 {policy.class_b_self_permille}‰:"
-                        f" {yuan(amount - approved)} 元",
-                    )
-                )
-        elif amount != 0:
-            adjustments.append(
-                ItemAdjustment(
-                    item_code=item.item_code,
-                    approved_fen=0,
-                    reason_code=REASON_SELF_PAY,
-                    note=f"自费项目，基金不予支付: {yuan(amount)} 元",
-                )
-            )
 
+def classify_item(
+    item: ClaimItem,
+    policy: Policy,
+    catalogue_classes: Mapping[str, CatalogueClass] | None = None,
+) -> tuple[int, ItemAdjustment | None]:
+    """An item's eligible amount under the host catalogue and the home policy, and the
+    adjustment the rules make to it (None when the whole amount is eligible or it is 0).
+
+    Class A: all of it; class B: all but the policy's self share (乙类先行自付); self-pay:
+    nothing (自费)."""
+    amount = item.amount_fen
+    cls = _item_class(item, catalogue_classes)
+    if cls == CatalogueClass.A:
+        return amount, None
+    if cls == CatalogueClass.B:
+        approved = share(amount, PERMILLE - policy.class_b_self_permille)
+        if approved == amount:
+            return approved, None
+        return approved, ItemAdjustment(
+            item_code=item.item_code,
+            approved_fen=approved,
+            reason_code=REASON_B_SELF_SHARE,
+            note=f"乙类先行自付 {policy.class_b_self_permille}‰: {yuan(amount - approved)} 元",
+        )
+    if amount == 0:
+        return 0, None
+    return 0, ItemAdjustment(
+        item_code=item.item_code,
+        approved_fen=0,
+        reason_code=REASON_SELF_PAY,
+        note=f"自费项目，基金不予支付: {yuan(amount)} 元",
+    )
+
+
+def _split(
+    claim: ClaimPackage,
+    policy: Policy,
+    tier: PolicyTier,
+    usage: YearUsage,
+    eligible: int,
+    adjustments: list[ItemAdjustment],
+    assistance_eligible: bool,
+) -> Review:
+    """The one-bill split of a claim whose eligible amount is known."""
     total = claim.total_fen
     deductible = min(tier.deductible_fen, eligible)
     fund_room = max(tier.annual_cap_fen - usage.fund_used_fen, 0)
@@ -352,6 +352,133 @@ def review(
             assistance_used_fen=usage.assistance_used_fen + assistance,
             copayment_fen=usage.copayment_fen + copayment,
         ),
+    )
+
+
+def review(
+    claim: ClaimPackage,
+    policy: Policy,
+    usage: YearUsage,
+    *,
+    insurance_type: InsuranceType,
+    assistance_eligible: bool,
+    catalogue_classes: Mapping[str, CatalogueClass] | None = None,
+) -> Review:
+    """Review a claim whose amounts passed :func:`check_amounts` under the home's policy.
+
+    Items are classed under the host catalogue (``catalogue_classes``, item code to class;
+    items it lacks keep the class written on the claim). The deductible applies per claim.
+    Raises ``ValueError`` for a claim of another home region or with inconsistent amounts, and
+    :class:`PolicyTierMissingError` when the policy has no tier for the visit.
+    """
+    tier = _checked_tier(claim, policy, insurance_type)
+    eligible = 0
+    adjustments: list[ItemAdjustment] = []
+    for item in claim.items:
+        approved, adjustment = classify_item(item, policy, catalogue_classes)
+        eligible += approved
+        if adjustment is not None:
+            adjustments.append(adjustment)
+    return _split(claim, policy, tier, usage, eligible, adjustments, assistance_eligible)
+
+
+def code_amounts(claim: ClaimPackage) -> dict[str, int]:
+    """Each item code's billed amount (the sum of the claim's lines with that code), in the
+    order the codes first appear."""
+    amounts: dict[str, int] = {}
+    for item in claim.items:
+        amounts[item.item_code] = amounts.get(item.item_code, 0) + item.amount_fen
+    return amounts
+
+
+def adjustment_problems(claim: ClaimPackage, overrides: Sequence[ItemAdjustment]) -> list[str]:
+    """What is wrong with a reviewer's adjustments of ``claim`` in plain words (empty: none):
+    each names an item code of the claim once, approves 0..the code's billed amount, and gives
+    a reason code."""
+    amounts = code_amounts(claim)
+    problems: list[str] = []
+    seen: set[str] = set()
+    for adj in overrides:
+        code = adj.item_code
+        if code in seen:
+            problems.append(f"item {code} is adjusted twice")
+            continue
+        seen.add(code)
+        if code not in amounts:
+            problems.append(f"claim {claim.claim_id} has no item {code}")
+            continue
+        if not 0 <= adj.approved_fen <= amounts[code]:
+            problems.append(
+                f"item {code}: approved_fen {adj.approved_fen} is not within 0..{amounts[code]}"
+            )
+        if not adj.reason_code.strip():
+            problems.append(f"item {code}: the reason code is empty")
+    return problems
+
+
+def review_adjusted(
+    claim: ClaimPackage,
+    policy: Policy,
+    usage: YearUsage,
+    overrides: Sequence[ItemAdjustment],
+    *,
+    insurance_type: InsuranceType,
+    assistance_eligible: bool,
+    catalogue_classes: Mapping[str, CatalogueClass] | None = None,
+) -> Review:
+    """:func:`review` with a reviewer's word on some items: an overridden item code's
+    ``approved_fen`` is its eligible amount (whatever its catalogue class; for a code on
+    several lines, of all of them together), and the reviewer's adjustment replaces the rules'
+    one for it; the other items are classed as in :func:`review`, and the split (deductible,
+    ratio, caps, critical illness, assistance, rounding) is the same.
+
+    An override approving a code's whole amount leaves no adjustment for it (an adjustment
+    always approves less than billed). The decision follows the amounts as in :func:`review`:
+    PARTIAL, or APPROVED when everything ends eligible, REJECTED when nothing does. Raises
+    ``ValueError`` with the :func:`adjustment_problems`.
+    """
+    tier = _checked_tier(claim, policy, insurance_type)
+    problems = adjustment_problems(claim, overrides)
+    if problems:
+        raise ValueError(f"claim {claim.claim_id}: " + "; ".join(problems))
+    amounts = code_amounts(claim)
+    by_code = {adj.item_code: adj for adj in overrides}
+    eligible = 0
+    adjustments: list[ItemAdjustment] = []
+    done: set[str] = set()
+    for item in claim.items:
+        override = by_code.get(item.item_code)
+        if override is None:
+            approved, adjustment = classify_item(item, policy, catalogue_classes)
+            eligible += approved
+            if adjustment is not None:
+                adjustments.append(adjustment)
+        elif item.item_code not in done:
+            done.add(item.item_code)
+            eligible += override.approved_fen
+            if override.approved_fen != amounts[item.item_code]:
+                adjustments.append(override)
+    return _split(claim, policy, tier, usage, eligible, adjustments, assistance_eligible)
+
+
+def spent(review: Review) -> YearUsage:
+    """What a review adds to the person's year: its fund, critical-illness and assistance
+    shares and its eligible co-payment (``review.new_usage`` minus the usage it started from)."""
+    return YearUsage(
+        fund_used_fen=review.fund_fen,
+        critical_illness_used_fen=review.critical_illness_fen,
+        assistance_used_fen=review.assistance_fen,
+        copayment_fen=review.copayment_fen,
+    )
+
+
+def add_usage(*parts: YearUsage) -> YearUsage:
+    """The sum of year usages (committed usage plus reservations, say)."""
+    return YearUsage(
+        fund_used_fen=sum(p.fund_used_fen for p in parts),
+        critical_illness_used_fen=sum(p.critical_illness_used_fen for p in parts),
+        assistance_used_fen=sum(p.assistance_used_fen for p in parts),
+        copayment_fen=sum(p.copayment_fen for p in parts),
     )
 
 

@@ -29,6 +29,7 @@ from adapters.backoffice import ClaimState, Person
 from adapters.directory import Agreement, Directory, province_of
 from adapters.host import AdmissionRefused
 from adapters.province import ProvinceSystem
+from adapters.review_desk import ReviewDeskSettings
 from bus.broker import running_broker
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
@@ -37,6 +38,7 @@ from bus.settings import BusSettings
 from bus.transport import Consumer
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
+from simulators.reviewers import SimulatedReviewer
 from simulators.scenario import Scenario
 
 log = structlog.get_logger(__name__)
@@ -103,6 +105,15 @@ class Simulation:
         self.provinces = provinces
         self.rng = random.Random(scenario.seed)
         self.progress = progress
+        reviews = scenario.reviews
+        desk = (
+            ReviewDeskSettings(
+                auto_approve_clean=reviews.auto_approve_clean,
+                review_period_s=reviews.review_period_s,
+            )
+            if reviews.desk
+            else None
+        )
         self.systems = {
             p: ProvinceSystem(
                 p,
@@ -111,9 +122,27 @@ class Simulation:
                 directory=directory,
                 state_dir=state_dir,
                 instant_deadline_s=scenario.instant_deadline_s,
+                review_desk=desk,
             )
             for p in provinces
         }
+        self.reviewers: dict[str, list[SimulatedReviewer]] = {
+            p: [
+                SimulatedReviewer(
+                    s.home.desk,
+                    pace_per_s=reviews.pace_per_s,
+                    adjust_share=reviews.adjust_share,
+                    reject_share=reviews.reject_share,
+                    rng=random.Random(f"{scenario.seed}-{p}-{n}"),
+                    name=f"{p}-reviewer-{n + 1}",
+                    seed=str(scenario.seed),
+                )
+                for n in range(reviews.reviewers_per_home)
+            ]
+            for p, s in self.systems.items()
+            if s.home.desk is not None
+        }
+        self.max_backlog = 0
         self.expected: dict[str, str] = {}
         self.refusals: list[tuple[str, str]] = []
         self.dead_letters_expected = 0
@@ -141,12 +170,18 @@ class Simulation:
         raise ProvinceFailed(f"province {dead.province} stopped: {dead.node.failure!r}")
 
     async def start(self) -> None:
-        """Start every province's node and wait for its inbox assignment."""
+        """Start every province's node, wait for its inbox assignment, start the reviewers."""
         await asyncio.gather(*(s.start() for s in self.systems.values()))
         await asyncio.gather(*(s.node.wait_ready(60) for s in self.systems.values()))
+        for team in self.reviewers.values():
+            for reviewer in team:
+                reviewer.start()
 
     async def stop(self) -> None:
-        """Stop every province. Idempotent."""
+        """Stop the reviewers and every province. Idempotent."""
+        for team in self.reviewers.values():
+            for reviewer in team:
+                await reviewer.stop()
         await asyncio.gather(*(s.stop() for s in self.systems.values()))
         for s in self.systems.values():
             s.close()
@@ -337,16 +372,28 @@ class Simulation:
             return
         system = self.systems[province]
         self._silent_back.clear()
+        for reviewer in self.reviewers.get(province, []):
+            await reviewer.stop()  # the desk closes while the province is away
         await system.node.stop()
         log.warning("province_silenced", province=province, seconds=self.scenario.faults.silence_s)
         await asyncio.sleep(self.scenario.faults.silence_s)
         await system.node.start()
         self._silent_back.set()
         await system.node.wait_ready(60)
+        for reviewer in self.reviewers.get(province, []):
+            reviewer.start()
 
     def open_claims(self) -> int:
         """Claims not yet in a terminal state, across hosts."""
         return sum(s.backoffice.count_open_claims() for s in self.systems.values())
+
+    def backlog(self) -> int:
+        """Reviews waiting at the homes' desks (the highest seen is reported)."""
+        waiting = sum(
+            s.home.desk.count_open() for s in self.systems.values() if s.home.desk is not None
+        )
+        self.max_backlog = max(self.max_backlog, waiting)
+        return waiting
 
     async def run(self, per_agreement: int | None = None) -> Facts:
         """The whole day: population, faults, visits, wait for every claim, facts."""
@@ -366,6 +413,7 @@ class Simulation:
             finished = sum(t.done() for t in tasks)
             done = finished - self.open_claims() if finished == total else finished
             self._progress(max(0, done), total)
+            self.backlog()
             if finished == total and self.open_claims() == 0 and silencer.done():
                 break
             if time.monotonic() > deadline:
@@ -440,6 +488,15 @@ class Simulation:
                 ):
                     facts.fallbacks += 1
         facts.errors = await read_error_reports(self.settings, self.bootstrap, self.provinces)
+        for team in self.reviewers.values():
+            for reviewer in team:
+                facts.review_decisions.update(reviewer.decided)
+        facts.max_backlog = self.max_backlog
+        for s in self.systems.values():
+            for c in s.backoffice.claims():
+                pending = s.node.store.get_pending(c.request_id) if c.request_id else None
+                if pending is not None and pending.acknowledged_at_ms is not None:
+                    facts.acknowledged += 1
         return facts
 
 

@@ -55,6 +55,12 @@ class Facts:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     duration_s: float = 0.0
     fallbacks: int = 0
+    review_decisions: Counter[str] = field(default_factory=Counter)
+    """Decisions of the simulated reviewers: approve, adjust, reject (closed, failed)."""
+    max_backlog: int = 0
+    """The most reviews waiting at the homes' desks at once."""
+    acknowledged: int = 0
+    """Host claims whose request the home acknowledged (held for review)."""
 
 
 @dataclass
@@ -154,6 +160,15 @@ def check_invariants(facts: Facts) -> list[Check]:
             + (f"; wrong: {'; '.join(wrong[:5])}" if wrong else ""),
         )
     )
+    decided = sum(facts.review_decisions[k] for k in ("approve", "adjust", "reject"))
+    checks.append(
+        Check(
+            "every claim held for review was acknowledged, and decided by a reviewer",
+            facts.acknowledged == decided and facts.review_decisions["failed"] == 0,
+            f"{facts.acknowledged} acknowledged, {decided} decided, "
+            f"{facts.review_decisions['failed']} failed decisions",
+        )
+    )
     return checks
 
 
@@ -193,6 +208,11 @@ def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dic
         ],
         "dead_letters": facts.dead_letters_seen,
         "fallbacks_instant_to_delayed": facts.fallbacks,
+        "reviews": {
+            "acknowledged": facts.acknowledged,
+            "decisions": dict(facts.review_decisions),
+            "max_backlog": facts.max_backlog,
+        },
         "latency_s": {
             mode: {
                 "p50": _pct(v, 0.5),
@@ -229,6 +249,14 @@ def render(report: dict[str, Any]) -> str:
     lines.append(
         f"  instant claims that fell back to delayed: {report['fallbacks_instant_to_delayed']}"
     )
+    rv = report.get("reviews", {})
+    if rv.get("decisions") or rv.get("acknowledged"):
+        d = rv["decisions"]
+        lines.append(
+            f"  held for review at the homes' desks: {rv['acknowledged']} acknowledged at once; "
+            f"decided later: {d.get('approve', 0)} approved, {d.get('adjust', 0)} adjusted, "
+            f"{d.get('reject', 0)} rejected; backlog up to {rv['max_backlog']}"
+        )
     lines.append("\nMoney (yuan)")
     for key in ("total", "fund", "critical_illness", "assistance", "personal", "advances",
                 "refunds", "top_ups", "paid_in_full"):  # fmt: skip

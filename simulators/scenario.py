@@ -35,6 +35,28 @@ class Faults(BaseModel):
     """How long it stays silent."""
 
 
+class Reviews(BaseModel):
+    """The home agencies' review desks: DELAYED claims wait there for a (simulated) reviewer,
+    who approves, adjusts or rejects them through the desk's API."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    desk: bool = True
+    """Hold DELAYED claims for reviewers (False: every claim reviewed at once by the rules)."""
+    reviewers_per_home: int = Field(default=2, ge=1)
+    """Simulated reviewers working each home's queue."""
+    pace_per_s: float = Field(default=15.0, gt=0)
+    """Decisions per second of one reviewer."""
+    adjust_share: Rate = Field(default=0.15, ge=0, le=1)
+    """Share of decisions that cut some items (PARTIAL: a smaller fund share, a top-up)."""
+    reject_share: Rate = Field(default=0.03, ge=0, le=1)
+    """Share of decisions that reject the claim (the patient pays in full)."""
+    auto_approve_clean: bool = False
+    """Approve at once the DELAYED claims the rules adjust nothing in."""
+    review_period_s: float = Field(default=3 * 86_400.0, gt=0)
+    """When the answer is promised (the acknowledgement's expected_by), after acceptance."""
+
+
 class Scenario(BaseModel):
     """Size, seed, faults and timing of one simulated day."""
 
@@ -52,6 +74,8 @@ class Scenario(BaseModel):
     """Longest wait for every claim to reach a terminal state."""
     faults: Faults = Faults()
     """Injected faults."""
+    reviews: Reviews = Reviews()
+    """The homes' review desks and their reviewers."""
 
     @classmethod
     def load(cls, path: Path | None, **overrides: object) -> Scenario:

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from bus.codec import Codec
-from bus.constants import H_CORRELATION_ID, topic
+from bus.constants import H_CORRELATION_ID, H_MESSAGE_ID, topic
 from bus.errors import Rejection, RoutingError
 from bus.models import ClaimPackage, ErrorCode, ErrorReport, Message, RequestAcknowledgement
 from bus.node import DEFER, Answer, Context, Deferred, Node
 from simulators import samples
 from tests.conftest import NodeFactory, ProvincePool
 from tests.helpers import eventually, hdr, read_topic
+from tests.test_crash_safety import drop_dispatch
 
 ACK = RequestAcknowledgement.avro_name
 
@@ -114,6 +115,46 @@ class TestDeferredAnswers:
             lambda: (p := host.store.get_pending(request_id)) is not None and p.state == "delivered"
         )
         assert await host.resend(request_id) is False  # answered: nothing to re-send
+
+    async def test_a_kill_between_storing_the_answer_and_sending_it_sends_it_once(
+        self, make_node: NodeFactory, province_pool: ProvincePool, state_dir: Path
+    ) -> None:
+        """The decision's step committed (answer stored, in the outbox) and the process died
+        before the record left: the restarted home sends it, once; the host settles once."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await home_node(make_node, home_code, state_dir)
+        await host.wait_ready()
+        got: list[Answer] = []
+
+        @host.on_answer(ClaimPackage)
+        async def collect(answer: Answer) -> None:
+            got.append(answer)
+
+        claim_id = f"C-{host_code}-D5"
+        request_id = await host.request(claim_to(host_code, home_code, claim_id), deadline_s=60)
+        await eventually(lambda: len(home.owed()) == 1)
+        drop_dispatch(home)
+        await home.answer(request_id, samples.review(claim_id))
+        assert home.store.outbox_size() == 1  # committed, never sent
+        await home.kill()
+        home.store.close()
+        back = await home_node(make_node, home_code, state_dir)
+        assert back.owed() == []
+        await eventually(lambda: len(got) == 1)
+        await eventually(lambda: back.store.outbox_size() == 0)
+        await asyncio.sleep(0.5)
+        assert len(got) == 1
+        replies = await read_topic(
+            host.bootstrap, host.settings, topic("reply", host_code), expect=2
+        )
+        answers = [r for r in replies if hdr(r, "xs-message-type") != ACK]
+        # One answer (one message id), however many copies: the outbox resumes it, and the
+        # request, redelivered because the kill came before its offset was committed, gets
+        # the stored answer again. The host takes it once.
+        assert {hdr(r, H_CORRELATION_ID) for r in answers} == {request_id}
+        assert len({hdr(r, H_MESSAGE_ID) for r in answers}) == 1
+        assert {hdr(r, "xs-attempt") for r in answers} == {"2"}  # never the dropped first send
 
     async def test_rejection_is_answered_as_an_error_report(
         self, make_node: NodeFactory, province_pool: ProvincePool, codec: Codec
