@@ -635,7 +635,7 @@ def _bulk_pending(store: SqliteStore, rows: int, base_ms: int, template: Pending
     headers = dump_headers(r.headers)
     sql = (
         f"INSERT INTO pending ({_PENDING_COLUMNS}) "  # noqa: S608 - constant column list
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)"
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)"
     )
     db = store.db._db
     chunk = 50_000
@@ -645,7 +645,7 @@ def _bulk_pending(store: SqliteStore, rows: int, base_ms: int, template: Pending
             sql,
             (
                 (f"{i:012d}-{new_id()[:23]}", template.message_type, template.target, r.topic,
-                 r.key, r.value, headers, 1, base_ms, base_ms + i, PENDING)
+                 r.key, r.value, headers, 1, base_ms, base_ms + i, PENDING, base_ms)
                 for i in range(start, min(rows, start + chunk))
             ),
         )  # fmt: skip
