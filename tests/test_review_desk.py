@@ -757,3 +757,42 @@ class TestOnTheBus:
         assert settled.review.decision is ReviewDecision.REJECTED
         payments = [(k, f) for _, k, f in pair.host.backoffice.payments(claim.claim_id)]
         assert payments == [("ADVANCE", 625_000), ("TOP_UP", 1_875_000)]
+
+
+@pytest.mark.timeout(150)
+async def test_acknowledged_at_once_decided_after_both_sides_restarted(
+    desk_pair: DeskPair,
+) -> None:
+    """Issue 13's path end to end: a DELAYED claim is acknowledged before anyone looks at it
+    (the host's pending request shows it, with expected_by); the home is killed and
+    restarted, the host is killed; the reviewer decides while the host is down; the
+    restarted host settles it once, with the one answer."""
+    pair = desk_pair
+    await pair.start()
+    await pair.file_lao_zhang()
+    claim = await pair.claim()
+    request_id = await pair.queued(claim)
+
+    def acknowledged() -> bool:
+        pending = pair.host.node.store.get_pending(request_id)
+        return pending is not None and pending.acknowledged_at_ms is not None
+
+    await eventually(acknowledged, 10)
+    pending = pair.host.node.store.get_pending(request_id)
+    assert pending is not None
+    assert pending.ack_state == "ACCEPTED_FOR_REVIEW"
+    assert pending.expected_by_ms is not None
+    assert pending.expected_by_ms > pending.sent_at_ms
+    assert pending.state == "pending"
+    await pair.kill(pair.home_code)
+    await pair.start(pair.home_code)
+    await pair.kill(pair.host_code)
+    result = await pair.desk.approve(claim.claim_id, "reviewer-li")
+    await pair.start(pair.host_code)
+    settled = await pair.settled(claim.claim_id)
+    assert settled.review == result
+    payments = [(k, f) for _, k, f in pair.host.backoffice.payments(claim.claim_id)]
+    assert payments == LAO_ZHANG_PAYMENTS
+    sent = await pair.results_on_the_wire(1)
+    assert len({hdr(r, H_MESSAGE_ID) for r in sent}) == 1
+    assert [r.claim_id for r in pair.home.backoffice.reviews()] == [claim.claim_id]
