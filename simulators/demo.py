@@ -492,6 +492,9 @@ class Simulation:
             for reviewer in team:
                 facts.review_decisions.update(reviewer.decided)
         facts.max_backlog = self.max_backlog
+        facts.open_reviews_left = sum(
+            s.home.desk.count_open() for s in self.systems.values() if s.home.desk is not None
+        )
         for s in self.systems.values():
             for c in s.backoffice.claims():
                 pending = s.node.store.get_pending(c.request_id) if c.request_id else None

@@ -61,6 +61,8 @@ class Facts:
     """The most reviews waiting at the homes' desks at once."""
     acknowledged: int = 0
     """Host claims whose request the home acknowledged (held for review)."""
+    open_reviews_left: int = 0
+    """Reviews still open at the homes' desks when the day ended (should be none)."""
 
 
 @dataclass
@@ -163,10 +165,11 @@ def check_invariants(facts: Facts) -> list[Check]:
     decided = sum(facts.review_decisions[k] for k in ("approve", "adjust", "reject"))
     checks.append(
         Check(
-            "every claim held for review was acknowledged, and decided by a reviewer",
-            facts.acknowledged == decided and facts.review_decisions["failed"] == 0,
-            f"{facts.acknowledged} acknowledged, {decided} decided, "
-            f"{facts.review_decisions['failed']} failed decisions",
+            "no review left open at the homes' desks, no decision failed",
+            facts.open_reviews_left == 0 and facts.review_decisions["failed"] == 0,
+            f"{facts.open_reviews_left} open; {decided} decided by this run's reviewers, "
+            f"{facts.review_decisions['failed']} failed; {facts.acknowledged} of our claims "
+            "acknowledged by their homes",
         )
     )
     return checks
@@ -253,9 +256,10 @@ def render(report: dict[str, Any]) -> str:
     if rv.get("decisions") or rv.get("acknowledged"):
         d = rv["decisions"]
         lines.append(
-            f"  held for review at the homes' desks: {rv['acknowledged']} acknowledged at once; "
-            f"decided later: {d.get('approve', 0)} approved, {d.get('adjust', 0)} adjusted, "
-            f"{d.get('reject', 0)} rejected; backlog up to {rv['max_backlog']}"
+            f"  held for review: {rv['acknowledged']} claims acknowledged by their homes at "
+            f"once; the reviewers decided later: {d.get('approve', 0)} approved, "
+            f"{d.get('adjust', 0)} adjusted, {d.get('reject', 0)} rejected; backlog up to "
+            f"{rv['max_backlog']}"
         )
     lines.append("\nMoney (yuan)")
     for key in ("total", "fund", "critical_illness", "assistance", "personal", "advances",
