@@ -13,10 +13,10 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from adapters.rules import YearUsage
 from bus.db import Database
@@ -47,19 +47,99 @@ class Person:
 
 
 class ClaimState(StrEnum):
-    """Where a claim stands at the host."""
+    """Where a claim stands at the host (the hospital desk's view).
 
-    AWAITING_REVIEW = "AWAITING_REVIEW"
-    """Sent to the home, no answer yet."""
+    ==================  ===========================================  ==========================
+    from                event                                        to
+    ==================  ===========================================  ==========================
+    (desk)              submit                                       SUBMITTED
+    SUBMITTED           acknowledgement                              ACKNOWLEDGED
+    SUBMITTED, ACK.     deadline, INSTANT / POINT_TO_POINT           FALLBACK (advance taken)
+    SUBMITTED, ACK.     deadline, DELAYED or after a fallback        OVERDUE (escalated)
+    FALLBACK            no late review within the delayed deadline   OVERDUE (escalated)
+    OVERDUE, FALLBACK   operator re-send (a new request)             SUBMITTED
+    SUBMITTED, ACK.     DUPLICATE_CLAIM to an operator's re-send     OVERDUE (or FALLBACK)
+    any open            review (late ones too)                       SETTLED
+    any open            error report                                 REFUSED
+    OVERDUE, FALLBACK   operator close                               CLOSED_BY_OPERATOR
+    ==================  ===========================================  ==========================
+
+    The values are stored: ``SUBMITTED`` keeps the value ``"AWAITING_REVIEW"`` of older files
+    and reports, and ``AWAITING_REVIEW`` is the same member under its former name.
+    """
+
+    SUBMITTED = "AWAITING_REVIEW"
+    """Sent to the home, neither answered nor acknowledged yet."""
+    AWAITING_REVIEW = "AWAITING_REVIEW"  # the former name of SUBMITTED (an alias)
+    ACKNOWLEDGED = "ACKNOWLEDGED"
+    """The home acknowledged the request (accepted for review, expected by a date)."""
     FALLBACK = "FALLBACK"
     """Instant review did not come in time: advance collected, waiting as delayed."""
+    OVERDUE = "OVERDUE"
+    """No answer by the deadline (or the home has it under an earlier request): escalated,
+    waiting for a late answer, an operator's re-send or an operator's close."""
     SETTLED = "SETTLED"
     """Reviewed and settled with the patient (terminal)."""
     REFUSED = "REFUSED"
     """The home answered with an error report: the patient pays in full (terminal)."""
+    CLOSED_BY_OPERATOR = "CLOSED_BY_OPERATOR"
+    """Closed by an operator's decision without a review (terminal; see
+    :class:`CloseDecision`)."""
 
 
-TERMINAL_STATES = frozenset({ClaimState.SETTLED, ClaimState.REFUSED})
+TERMINAL_STATES = frozenset({ClaimState.SETTLED, ClaimState.REFUSED, ClaimState.CLOSED_BY_OPERATOR})
+
+
+class CloseDecision(StrEnum):
+    """What an operator decides when closing a claim the home never answered."""
+
+    KEEP_ADVANCE = "KEEP_ADVANCE"
+    """The advance the patient paid stands as their payment; nothing more moves."""
+    REFUND_ADVANCE = "REFUND_ADVANCE"
+    """The advance is refunded to the patient (a ``REFUND`` payment)."""
+
+
+class ClaimEventKind(StrEnum):
+    """What happened to a claim at the host (one row of its timeline)."""
+
+    SUBMITTED = "submitted"
+    ACKNOWLEDGED = "acknowledged"
+    REVIEWED = "reviewed"
+    SETTLED = "settled"
+    REFUSED = "refused"
+    FELL_BACK = "fell_back"
+    OVERDUE = "overdue"
+    RESENT = "resent"
+    ALREADY_AT_HOME = "already_at_home"
+    """The home answered a re-send with DUPLICATE_CLAIM: it has the claim under an earlier
+    request, whose answer settles it."""
+    ANSWER_IGNORED = "answer_ignored"
+    """An answer came for a claim already closed (late, or to a re-send)."""
+    CLOSED_BY_OPERATOR = "closed_by_operator"
+
+
+EventData = dict[str, str | int | None]
+"""Structured detail of a timeline event (amounts in fen, times in epoch ms)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimEvent:
+    """One transition of a claim, as recorded in the step that made it."""
+
+    claim_id: str
+    """The claim."""
+    seq: int
+    """1, 2, ... per claim."""
+    at_ms: int
+    """When, epoch milliseconds."""
+    kind: ClaimEventKind
+    """What happened."""
+    state: ClaimState
+    """Where the claim stands after it."""
+    detail: str
+    """One line for a person (no names or ID numbers)."""
+    data: EventData = field(default_factory=dict)
+    """The same, structured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +160,37 @@ class HostClaim:
     """Personal share − advance collected: > 0 top-up, < 0 refund."""
     error_code: str | None = None
     """The home's error code when refused."""
+    submitted_at_ms: int | None = None
+    """When the claim was first sent (None in rows of older versions: see ``submitted_at``)."""
+    deadline_ms: int | None = None
+    """When the answer to the request in flight is due (None: no request in flight)."""
+    acknowledged_at_ms: int | None = None
+    """When the home acknowledged the request in flight (None: not acknowledged)."""
+    expected_by_ms: int | None = None
+    """When the home expects to answer, by its latest acknowledgement."""
+    fell_back_at_ms: int | None = None
+    """When an instant claim fell back to delayed."""
+    overdue_since_ms: int | None = None
+    """When it was escalated as overdue (the latest time)."""
+    resent_as: tuple[str, ...] = ()
+    """Request ids of operators' re-sends as new requests, oldest first (the first send is
+    ``request_id``); an answer to any of them is an answer about this claim."""
+    close_decision: CloseDecision | None = None
+    """The operator's decision, when closed by an operator."""
+    close_reason: str | None = None
+    """Why, in the operator's words."""
+    closed_by: str | None = None
+    """The operator who closed it."""
+
+    @property
+    def requests(self) -> tuple[str, ...]:
+        """Every request id the claim was sent with, the latest last."""
+        return ((self.request_id,) if self.request_id else ()) + self.resent_as
+
+    @property
+    def latest_request_id(self) -> str | None:
+        """The request id of the latest send."""
+        return self.requests[-1] if self.requests else None
 
 
 class HomeBackOffice(Protocol):
@@ -142,10 +253,33 @@ class HostBackOffice(Protocol):
         """A claim by id."""
 
     def claim_by_request(self, request_id: str) -> HostClaim | None:
-        """The claim sent with this request id."""
+        """The claim sent with this request id (its first send, or one of
+        ``HostClaim.resent_as``)."""
 
     def claims(self, *, open_only: bool = False) -> list[HostClaim]:
         """All claims (or only those not in a terminal state)."""
+
+
+@runtime_checkable
+class ClaimTimeline(Protocol):
+    """A host back office that also keeps each claim's timeline (optional: the host role
+    keeps it in memory for a back office without one). An event is recorded in the step of
+    the transition it describes, so it commits with the claim's new state or not at all."""
+
+    def record_claim_event(
+        self,
+        claim_id: str,
+        kind: ClaimEventKind,
+        state: ClaimState,
+        detail: str,
+        data: EventData | None = None,
+        *,
+        at_ms: int,
+    ) -> ClaimEvent:
+        """Append an event to the claim's timeline."""
+
+    def timeline(self, claim_id: str) -> list[ClaimEvent]:
+        """The claim's events, oldest first."""
 
 
 _SCHEMA = """
@@ -168,6 +302,16 @@ CREATE TABLE IF NOT EXISTS payments (seq INTEGER PRIMARY KEY AUTOINCREMENT, clai
 """
 
 
+_CLAIM_TIMELINE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS claims_state ON claims (state);
+CREATE TABLE IF NOT EXISTS claim_requests (request_id TEXT PRIMARY KEY, claim_id TEXT);
+CREATE TABLE IF NOT EXISTS claim_events (claim_id TEXT, seq INTEGER, at_ms INTEGER, kind TEXT,
+    state TEXT, detail TEXT, data TEXT, PRIMARY KEY (claim_id, seq));
+"""
+"""The host's claim index by state, the request ids of operators' re-sends, and the claims'
+timelines (added in 1.2: created beside the tables of older files)."""
+
+
 def _dump_claim(c: HostClaim) -> str:
     return json.dumps(
         {
@@ -178,12 +322,23 @@ def _dump_claim(c: HostClaim) -> str:
             "review": c.review.model_dump(mode="json") if c.review else None,
             "balance": c.balance_fen,
             "error_code": c.error_code,
+            "submitted_at_ms": c.submitted_at_ms,
+            "deadline_ms": c.deadline_ms,
+            "acknowledged_at_ms": c.acknowledged_at_ms,
+            "expected_by_ms": c.expected_by_ms,
+            "fell_back_at_ms": c.fell_back_at_ms,
+            "overdue_since_ms": c.overdue_since_ms,
+            "resent_as": list(c.resent_as),
+            "close_decision": c.close_decision.value if c.close_decision else None,
+            "close_reason": c.close_reason,
+            "closed_by": c.closed_by,
         }
     )
 
 
 def _load_claim(text: str) -> HostClaim:
     d = json.loads(text)
+    decision = d.get("close_decision")
     return HostClaim(
         claim=ClaimPackage.model_validate(d["claim"]),
         request_id=d["request_id"],
@@ -192,7 +347,26 @@ def _load_claim(text: str) -> HostClaim:
         review=ReviewResult.model_validate(d["review"]) if d["review"] else None,
         balance_fen=d["balance"],
         error_code=d["error_code"],
+        submitted_at_ms=d.get("submitted_at_ms"),
+        deadline_ms=d.get("deadline_ms"),
+        acknowledged_at_ms=d.get("acknowledged_at_ms"),
+        expected_by_ms=d.get("expected_by_ms"),
+        fell_back_at_ms=d.get("fell_back_at_ms"),
+        overdue_since_ms=d.get("overdue_since_ms"),
+        resent_as=tuple(d.get("resent_as") or ()),
+        close_decision=CloseDecision(decision) if decision else None,
+        close_reason=d.get("close_reason"),
+        closed_by=d.get("closed_by"),
     )
+
+
+def _terminal_values() -> tuple[str, ...]:
+    return tuple(sorted(s.value for s in TERMINAL_STATES))
+
+
+def _marks(n: int) -> str:
+    """``?, ?, ?`` for ``n`` parameters."""
+    return ", ".join("?" * n)
 
 
 class SqliteBackOffice:
@@ -206,6 +380,7 @@ class SqliteBackOffice:
     def __init__(self, db: Database | Path | str) -> None:
         self.db = db if isinstance(db, Database) else Database(db)
         self.db.migrate(_SCHEMA)
+        self.db.migrate(_CLAIM_TIMELINE_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -364,6 +539,10 @@ class SqliteBackOffice:
                 (claim.claim.claim_id, claim.request_id, claim.state.value, _dump_claim(claim)),
             )
             cur.executemany(
+                "INSERT OR IGNORE INTO claim_requests VALUES (?, ?)",
+                [(request_id, claim.claim.claim_id) for request_id in claim.resent_as],
+            )
+            cur.executemany(
                 "INSERT INTO payments (claim_id, kind, amount_fen) VALUES (?, ?, ?)",
                 [(claim.claim.claim_id, kind, fen) for kind, fen in payments if fen],
             )
@@ -374,21 +553,80 @@ class SqliteBackOffice:
 
     def claim_by_request(self, request_id: str) -> HostClaim | None:
         rows = self._all("SELECT data FROM claims WHERE request_id = ?", (request_id,))
+        if not rows:
+            rows = self._all(
+                "SELECT c.data FROM claim_requests r JOIN claims c ON c.claim_id = r.claim_id "
+                "WHERE r.request_id = ?",
+                (request_id,),
+            )
         return _load_claim(rows[0][0]) if rows else None
 
-    def claims(self, *, open_only: bool = False) -> list[HostClaim]:
-        if open_only:
-            done = sorted(s.value for s in TERMINAL_STATES)
-            rows = self._all("SELECT data FROM claims WHERE state NOT IN (?, ?)", tuple(done))
+    def claims(
+        self, *, open_only: bool = False, state: ClaimState | None = None
+    ) -> list[HostClaim]:
+        """All claims, only those not in a terminal state, or only those in ``state``."""
+        if state is not None:
+            rows = self._all("SELECT data FROM claims WHERE state = ?", (state.value,))
+        elif open_only:
+            done = _terminal_values()
+            rows = self._all(
+                f"SELECT data FROM claims WHERE state NOT IN ({_marks(len(done))})",  # noqa: S608
+                done,
+            )
         else:
             rows = self._all("SELECT data FROM claims")
         return [_load_claim(r[0]) for r in rows]
 
     def count_open_claims(self) -> int:
         """How many claims are not in a terminal state (a count, no claim decoded)."""
-        done = sorted(s.value for s in TERMINAL_STATES)
-        rows = self._all("SELECT count(*) FROM claims WHERE state NOT IN (?, ?)", tuple(done))
+        done = _terminal_values()
+        rows = self._all(
+            f"SELECT count(*) FROM claims WHERE state NOT IN ({_marks(len(done))})",  # noqa: S608
+            done,
+        )
         return int(rows[0][0])
+
+    def count_claims(self, state: ClaimState) -> int:
+        """How many claims are in ``state`` (the overdue gauge reads it)."""
+        rows = self._all("SELECT count(*) FROM claims WHERE state = ?", (state.value,))
+        return int(rows[0][0])
+
+    def record_claim_event(
+        self,
+        claim_id: str,
+        kind: ClaimEventKind,
+        state: ClaimState,
+        detail: str,
+        data: EventData | None = None,
+        *,
+        at_ms: int,
+    ) -> ClaimEvent:
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM claim_events WHERE claim_id = ?",
+                (claim_id,),
+            ).fetchone()
+            event = ClaimEvent(claim_id, int(row[0]), at_ms, kind, state, detail, dict(data or {}))
+            cur.execute(
+                "INSERT INTO claim_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (claim_id, event.seq, at_ms, kind.value, state.value, detail,
+                 json.dumps(event.data, ensure_ascii=False)),
+            )  # fmt: skip
+        return event
+
+    def timeline(self, claim_id: str) -> list[ClaimEvent]:
+        rows = self._all(
+            "SELECT seq, at_ms, kind, state, detail, data FROM claim_events WHERE claim_id = ? "
+            "ORDER BY seq",
+            (claim_id,),
+        )
+        return [
+            ClaimEvent(
+                claim_id, int(seq), int(at), ClaimEventKind(kind), ClaimState(state), str(detail),
+                json.loads(data) if data else {},
+            )
+            for seq, at, kind, state, detail, data in rows
+        ]  # fmt: skip
 
     def settlement_stats(self, host: str) -> list[dict[str, object]]:
         """Settled claims of this host by home province and month of discharge: the monthly

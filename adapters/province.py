@@ -7,6 +7,8 @@ office's, so that every step commits both in one transaction.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import structlog
@@ -24,6 +26,9 @@ from bus.signing import Signer, Trust, Verifier
 from bus.store import SqliteStore
 
 log = structlog.get_logger(__name__)
+
+ESCALATE_INTERVAL_S = 60.0
+"""How often fallen-back claims are checked for escalation."""
 
 
 def trust_for(province: str, settings: BusSettings, directory: Directory) -> Trust:
@@ -86,6 +91,7 @@ class ProvinceSystem:
         """``review_desk``: the home holds DELAYED claims for a reviewer
         (``self.home.desk``); None: every claim is reviewed at once."""
         folder = state_dir or settings.state_dir
+        self._escalator: asyncio.Task[None] | None = None
         self.province = province
         self.directory = directory
         self.db = Database(folder / f"province-{province}.sqlite3")
@@ -109,12 +115,30 @@ class ProvinceSystem:
         )
 
     async def start(self) -> ProvinceSystem:
-        """Start the node (consuming the province's inbox)."""
+        """Start the node (consuming the province's inbox) and the escalation of fallen-back
+        claims whose late review never comes."""
         await self.node.start()
+        if self._escalator is None or self._escalator.done():
+            self._escalator = asyncio.create_task(self._escalate(), name="escalate-fallbacks")
         return self
 
+    async def _escalate(self) -> None:
+        """Every :data:`ESCALATE_INTERVAL_S`: fallen-back claims past the delayed deadline
+        become OVERDUE (``HostRole.escalate_fallbacks``), so no claim waits unseen."""
+        while True:
+            await asyncio.sleep(ESCALATE_INTERVAL_S)
+            try:
+                await self.host.escalate_fallbacks()
+            except Exception:  # a failed round is logged; the next one tries again
+                log.exception("escalation_failed", province=self.province)
+
     async def stop(self) -> None:
-        """Stop the node and close the stores. Idempotent."""
+        """Stop the escalation and the node. Idempotent."""
+        task, self._escalator = self._escalator, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.node.stop()
 
     def close(self) -> None:

@@ -336,6 +336,7 @@ class Node:
         self.bootstrap = bootstrap
         self.trust = trust
         """Signs what the node sends and checks what it receives (:mod:`bus.signing`)."""
+        self._last_seal_ms = 0
         self.codec = codec or Codec()
         self.store: Store = store or SqliteStore(settings.state_dir / f"bus-{province}.sqlite3")
         self.group = group or f"xsettle-{province}"
@@ -581,8 +582,13 @@ class Node:
         st.outbox.append((self.store.add_outbox(record), record))
 
     def _seal(self, record: OutRecord) -> OutRecord:
-        """The record as it leaves now: sent-at of this send, signed (see the relay)."""
-        headers = self.trust.seal(record.headers, record.key, record.value, now_ms())
+        """The record as it leaves now: sent-at of this send, signed (see the relay). The
+        sent-at is strictly increasing per node, so two sends of one stored record (a stored
+        answer re-sent twice within a millisecond) never have the same bytes, which the
+        receiver would take for a replay."""
+        at = max(now_ms(), self._last_seal_ms + 1)
+        self._last_seal_ms = at
+        headers = self.trust.seal(record.headers, record.key, record.value, at)
         return OutRecord(record.topic, record.key, record.value, headers)
 
     def _subject(self, value: bytes) -> str | None:

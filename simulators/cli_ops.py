@@ -1,8 +1,9 @@
 """``xsettle ops``: what is failing, who must act, what is overdue.
 
 ``ops errors`` follows the error topics, ``ops dlq`` lists, shows and replays dead letters,
-``ops pending`` reads a node's store for requests waiting for an answer, ``ops console``
-serves the web console. Personal data is always shown masked.
+``ops pending`` reads a node's store for requests waiting for an answer, ``ops claims`` lists a
+host's claims by state (overdue first) and shows one claim's timeline, ``ops console`` serves
+the web console. Personal data is always shown masked.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from adapters.backoffice import TERMINAL_STATES, ClaimState, HostClaim, SqliteBackOffice
 from bus.console import Console
 from bus.envelope import now_ms
+from bus.logs import mask_text
+from bus.models import yuan
 from bus.ops import (
     ErrorAggregate,
     ErrorEvent,
@@ -307,6 +311,161 @@ def _acknowledged(row: PendingRow, now: int) -> str:
     return text
 
 
+_CLAIM_ORDER = {
+    ClaimState.OVERDUE: 0,
+    ClaimState.FALLBACK: 1,
+    ClaimState.ACKNOWLEDGED: 2,
+    ClaimState.SUBMITTED: 3,
+}
+"""Open claims first, the ones someone must act on first; closed claims after."""
+
+
+def _province_db(state_dir: Path, province: str) -> Path | None:
+    """The province's database in ``state_dir`` (or in ``state_dir/<province>``)."""
+    for path in (
+        state_dir / f"province-{province}.sqlite3",
+        state_dir / province / f"province-{province}.sqlite3",
+    ):
+        if path.is_file():
+            return path
+    return None
+
+
+def _claim_state(text: str) -> ClaimState:
+    """A state by name (``SUBMITTED``) or stored value (``AWAITING_REVIEW``)."""
+    name = text.upper()
+    if name in ClaimState.__members__:
+        return ClaimState[name]
+    try:
+        return ClaimState(name)
+    except ValueError:
+        names = ", ".join(s.name for s in ClaimState)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {names}") from None
+
+
+def _claim_row(c: HostClaim, now: int) -> dict[str, Any]:
+    submitted = c.submitted_at_ms or int(c.claim.submitted_at.timestamp() * 1000)
+    return {
+        "claim_id": c.claim.claim_id,
+        "state": c.state.name,
+        "mode": c.claim.settlement_mode.value,
+        "home": c.claim.home_region[:2] + "0000",
+        "age_s": round((now - submitted) / 1000, 1),
+        "submitted_at_ms": submitted,
+        "deadline_ms": c.deadline_ms,
+        "acknowledged_at_ms": c.acknowledged_at_ms,
+        "expected_by_ms": c.expected_by_ms,
+        "overdue_since_ms": c.overdue_since_ms,
+        "total_fen": c.claim.total_fen,
+        "advance_fen": c.advance_collected_fen,
+        "balance_fen": c.balance_fen,
+        "requests": list(c.requests),
+        "close_decision": c.close_decision.value if c.close_decision else None,
+        "closed_by": c.closed_by,
+    }
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
+
+
+def _waiting(row: dict[str, Any]) -> str:
+    """What the desk waits for: "overdue since T", "expected by T", "due by T"."""
+    if row["state"] == ClaimState.OVERDUE.name:
+        return f"overdue since {_ts(row['overdue_since_ms'])}"
+    if row["expected_by_ms"]:
+        return f"expected by {_ts(row['expected_by_ms'])}"
+    if row["deadline_ms"]:
+        return f"due by {_ts(row['deadline_ms'])}"
+    return "-"
+
+
+async def cmd_claims(args: argparse.Namespace) -> int:
+    """``ops claims``: a host's claims by state, or one claim's timeline (reads only)."""
+    path = _province_db(Path(args.state_dir), args.province)
+    if path is None:
+        print(
+            f"xsettle ops claims: no province-{args.province}.sqlite3 in {args.state_dir}",
+            file=sys.stderr,
+        )
+        return 1
+    office = SqliteBackOffice(path)
+    try:
+        now = now_ms()
+        if args.claim:
+            return _show_claim(office, args.claim, now, as_json=args.json)
+        if args.state:
+            claims = office.claims(state=args.state)
+        else:
+            claims = office.claims(open_only=args.open)
+    finally:
+        office.close()
+    rows = [_claim_row(c, now) for c in claims]
+    order = {s.name: n for s, n in _CLAIM_ORDER.items()}
+    rows.sort(key=lambda r: (order.get(r["state"], len(order)), r["submitted_at_ms"]))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+    if not rows:
+        which = f" in state {args.state.name}" if args.state else " open" if args.open else ""
+        print(f"no claims{which}")
+        return 0
+    counts = Counter(r["state"] for r in rows)
+    print("  ".join(f"{state} {n}" for state, n in sorted(counts.items())))
+    print()
+    print(
+        f"{'claim id':<26}{'state':<20}{'mode':<16}{'home':<8}{'age':>9}{'total':>14}"
+        f"{'advance':>12}  waiting"
+    )
+    for r in rows:
+        print(
+            f"{r['claim_id']:<26}{r['state']:<20}{r['mode']:<16}{r['home']:<8}"
+            f"{_age(r['age_s']):>9}{yuan(r['total_fen']):>14}{yuan(r['advance_fen']):>12}  "
+            f"{_waiting(r) if r['state'] not in {s.name for s in TERMINAL_STATES} else '-'}"
+        )
+    return 0
+
+
+def _show_claim(office: SqliteBackOffice, claim_id: str, now: int, *, as_json: bool) -> int:
+    """One claim: where it stands, its money and its timeline."""
+    claim = office.claim(claim_id)
+    if claim is None:
+        print(f"xsettle ops claims: no claim {claim_id}", file=sys.stderr)
+        return 1
+    row = _claim_row(claim, now)
+    events = office.timeline(claim_id)
+    payments = [(kind, fen) for _, kind, fen in office.payments(claim_id)]
+    if as_json:
+        row["payments"] = [{"kind": k, "fen": f} for k, f in payments]
+        row["timeline"] = [
+            {"seq": e.seq, "at_ms": e.at_ms, "kind": e.kind.value, "state": e.state.name,
+             "detail": mask_text(e.detail)}
+            for e in events
+        ]  # fmt: skip
+        print(json.dumps(row, ensure_ascii=False))
+        return 0
+    print(f"claim {claim_id}: {row['state']} ({row['mode']}, home {row['home']})")
+    print(f"  sent {_ts(row['submitted_at_ms'])}, {_age(row['age_s'])} ago; {_waiting(row)}")
+    print(f"  total {yuan(row['total_fen'])} yuan; payments: ", end="")
+    print(", ".join(f"{k} {yuan(f)}" for k, f in payments) or "none")
+    if claim.close_decision is not None:
+        print(f"  closed by {claim.closed_by}: {claim.close_decision.value}")
+    print(f"  requests: {', '.join(row['requests']) or '-'}")
+    print()
+    for e in events:
+        print(f"  {_ts(e.at_ms):<20}{e.kind.value:<20}{e.state.name:<20}{mask_text(e.detail)}")
+    if not events:
+        print("  (no timeline: the claim predates it)")
+    return 0
+
+
 async def cmd_console(args: argparse.Namespace) -> int:
     """``ops console``."""
     bootstrap = _need_bootstrap(args)
@@ -381,6 +540,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--province", help="only this province's store bus-<P>.sqlite3")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(run=cmd_pending)
+
+    p = sub.add_parser("claims", help="a host's claims by state, or one claim's timeline")
+    p.add_argument("--state-dir", required=True, help="the province's state folder")
+    p.add_argument("--province", required=True, help="the host province (its database)")
+    p.add_argument(
+        "--state", type=_claim_state, default=None, help="only claims in this state (OVERDUE, ...)"
+    )
+    p.add_argument("--open", action="store_true", help="only claims not closed yet")
+    p.add_argument("--claim", metavar="ID", help="one claim: its money and timeline")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.set_defaults(run=cmd_claims)
 
     p = sub.add_parser("console", help="serve the ops web console")
     add_bootstrap(p)

@@ -13,7 +13,11 @@ from typing import Any
 from adapters.rules import MAX_ADVANCE_PERMILLE, max_advance_fen
 from bus.models import yuan
 
-TERMINAL = ("SETTLED", "REFUSED")
+TERMINAL = ("SETTLED", "REFUSED", "CLOSED_BY_OPERATOR")
+"""Host claim states that end a claim (adapters.backoffice.TERMINAL_STATES)."""
+PAID = ("SETTLED", "REFUSED")
+"""Terminal states whose money the conservation check covers (a claim closed by an operator
+was never reviewed: no fund share, the patient's net is the advance or nothing)."""
 
 
 @dataclass
@@ -106,13 +110,13 @@ def check_invariants(facts: Facts) -> list[Check]:
                 bad_money.append(c.claim_id)
         elif c.state == "REFUSED" and paid != c.total_fen:
             bad_money.append(c.claim_id)
-    total = sum(c.total_fen for c in facts.claims if c.state in TERMINAL)
+    total = sum(c.total_fen for c in facts.claims if c.state in PAID)
     funds = sum(
         c.fund_fen + c.critical_illness_fen + c.assistance_fen
         for c in facts.claims
         if c.state == "SETTLED"
     )
-    patients = sum(_paid_by_patient(c) for c in facts.claims if c.state in TERMINAL)
+    patients = sum(_paid_by_patient(c) for c in facts.claims if c.state in PAID)
     checks.append(
         Check(
             "money is conserved per claim and in total",

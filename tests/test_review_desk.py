@@ -668,7 +668,7 @@ class TestOnTheBus:
         await asyncio.sleep(1.0)
         waiting = pair.host.backoffice.claim(claim.claim_id)
         assert waiting is not None
-        assert waiting.state is ClaimState.AWAITING_REVIEW
+        assert waiting.state is ClaimState.ACKNOWLEDGED
         assert await pair.results_on_the_wire(0) == []
         await pair.desk.approve(claim.claim_id, "reviewer-li")
         settled = await pair.settled(claim.claim_id)
