@@ -591,18 +591,23 @@ class Node:
         headers = self.trust.seal(record.headers, record.key, record.value, at)
         return OutRecord(record.topic, record.key, record.value, headers)
 
-    def _subject(self, value: bytes) -> str | None:
+    def _subject(self, value: bytes, message: Message | None = None) -> str | None:
         """The claim or filing id a record is about (None for reports: taken from the
-        record they answer when logged)."""
-        try:
-            message = self.codec.decode(value)
-        except DecodeError:
-            return None
+        record they answer when logged); ``message`` when it is decoded already."""
+        if message is None:
+            try:
+                message = self.codec.decode(value)
+            except DecodeError:
+                return None
         name = SUBJECT_OF.get(type(message))
         return str(getattr(message, name)) if name is not None else None
 
     def _audit_entry(
-        self, direction: str, record: OutRecord, where: Record | None = None
+        self,
+        direction: str,
+        record: OutRecord,
+        where: Record | None = None,
+        message: Message | None = None,
     ) -> AuditEntry | None:
         hdrs = text_headers(record.headers)
         message_id = hdrs.get(H_MESSAGE_ID)
@@ -619,7 +624,7 @@ class Node:
             headers=record.headers,
             message_id=message_id,
             correlation_id=hdrs.get(H_CORRELATION_ID),
-            subject=self._subject(record.value),
+            subject=self._subject(record.value, message),
             signature=signature_of(record.headers),
         )
 
@@ -911,7 +916,7 @@ class Node:
         for attempt in range(1, attempts + 1):
             try:
                 async with self.step():
-                    if self._accept(rec, verified):
+                    if self._accept(rec, verified, message):
                         await self._step(rec, env, message)
                     else:
                         await self._dead_letter(rec, _replayed(rec))
@@ -937,7 +942,7 @@ class Node:
                     raise asyncio.CancelledError from exc
                 delay = min(delay * 2, self.settings.retry_max_ms / 1000)
         async with self.step():
-            if self._accept(rec, verified):
+            if self._accept(rec, verified, message):
                 await self._give_up(rec, env, message, failure)
 
     def _on_bus(self, province: str) -> bool:
@@ -958,14 +963,14 @@ class Node:
             self.metrics.inc("xsettle_signature_failures_total", kind=exc.kind)
             raise
 
-    def _accept(self, rec: Record, verified: Verified | None) -> bool:
+    def _accept(self, rec: Record, verified: Verified | None, message: Message) -> bool:
         """Inside the record's step: False for a replay (the same signed record accepted
         before at other coordinates); else log it as received, once."""
         if verified is None:
             return True
         where = self.store.audit.received_at(verified.signature)
         if where is None:
-            entry = self._audit_entry(RECEIVED, _stored(rec), rec)
+            entry = self._audit_entry(RECEIVED, _stored(rec), rec, message)
             if entry is not None:
                 self.store.audit.append([entry])
             return True
@@ -991,7 +996,9 @@ class Node:
             else:
                 ob = self.store.get_obligation(env.message_id)
                 if ob is not None and ob.state == OPEN:
-                    self._emit(self._ack_out(env, rec, ob.expected_by_ms, ob.ack_state, ob.note))
+                    self._emit(
+                        self._ack_out(env, rec, message, ob.expected_by_ms, ob.ack_state, ob.note)
+                    )
             return
         if isinstance(message, RequestAcknowledgement):
             await self._on_ack(rec, env, message)
@@ -1161,12 +1168,12 @@ class Node:
         self,
         env: Envelope,
         rec: Record,
+        request: Message,
         expected_by_ms: int | None,
         state: str | None,
         note: str,
     ) -> OutRecord:
         """The RequestAcknowledgement of the request ``env`` (to its reply topic)."""
-        request = self.codec.decode(rec.value or b"")
         subject = SUBJECT_OF.get(type(request))
         ack = RequestAcknowledgement(
             request_type=env.message_type,
@@ -1236,7 +1243,9 @@ class Node:
                     self._defer(env, rec, result)
                     self.store.mark_processed(env.message_id, env.message_type, None, now_ms())
                     self._emit(
-                        self._ack_out(env, rec, result.expected_by_ms, result.state, result.note)
+                        self._ack_out(
+                            env, rec, message, result.expected_by_ms, result.state, result.note
+                        )
                     )
                     return
                 if is_request:
