@@ -349,11 +349,6 @@ class Trust:
         """No signing and no checking: for measuring what signing costs, never for money."""
         return cls(None, None)
 
-    @property
-    def on(self) -> bool:
-        """True when received records are checked."""
-        return self.verifier is not None
-
     def seal(self, headers: Headers, key: bytes | None, value: bytes, now_ms: int) -> Headers:
         """The headers as the record leaves now: ``xs-sent-at`` set to ``now_ms`` (the
         moment of sending, which the receiver's window checks) and the signature added."""
