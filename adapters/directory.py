@@ -303,6 +303,10 @@ class _Locator:
         return line
 
 
+TomlLocator = _Locator
+"""Line numbers of settings in any TOML text (the gateway's configuration uses it too)."""
+
+
 def _path(loc: Loc) -> str:
     out = ""
     for part in loc:

@@ -482,6 +482,11 @@ class Node:
                 raise BusError(f"{self.province}: inbox not assigned within {timeout_s} s")
             await asyncio.sleep(0.05)
 
+    def assigned_partitions(self) -> int:
+        """How many inbox partitions the group assigned to this node now (0 when not
+        consuming)."""
+        return len(self._consumer.assignment()) if self._consumer is not None else 0
+
     def stalled(self) -> list[Partition]:
         """Partitions whose record in hand has not finished for :data:`STALL_AFTER_S`."""
         limit = time.monotonic() - STALL_AFTER_S

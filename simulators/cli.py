@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = (
     "simulators.fuzz",
     "simulators.cli_audit",
     "simulators.cli_keys",
+    "simulators.cli_gateway",
 )
 """Modules that add their own subcommands with ``register(subparsers)`` when present."""
 

@@ -1,0 +1,115 @@
+"""Health: ``/healthz`` (the process answers) and ``/readyz`` (fit to take traffic).
+
+``/readyz`` is 200 only when every check passes, else 503 with the failing ones named:
+
+- ``broker``: the last probe (a metadata request, every 5 s) was answered;
+- ``partitions``: the consumer group assigned this province's inbox to this gateway;
+- ``store``: the province's database takes a write;
+- ``workers``: no worker died and no partition has a record in hand for over 60 s;
+- ``draining``: the gateway is not stopping.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from adapters.gateway.app import GatewayContext, context
+from bus.envelope import now_ms
+
+router = APIRouter(tags=["health"])
+
+_HEARTBEAT = "CREATE TABLE IF NOT EXISTS gateway_heartbeat (id INTEGER PRIMARY KEY, at_ms INTEGER)"
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    province: str
+    checks: list[Check]
+
+
+class Liveness(BaseModel):
+    status: str
+    province: str
+
+
+@router.get("/healthz", response_model=Liveness)
+async def healthz(ctx: GatewayContext = Depends(context)) -> Liveness:
+    """The process is up and answering."""
+    return Liveness(status="ok", province=ctx.province)
+
+
+def _store_writable(ctx: GatewayContext) -> str | None:
+    db = ctx.system.db
+    try:
+        db.migrate(_HEARTBEAT)
+        with db.write() as cur:
+            cur.execute("INSERT OR REPLACE INTO gateway_heartbeat VALUES (1, ?)", (now_ms(),))
+    except Exception as exc:  # any failure to write is the answer
+        return str(exc)[:200]
+    return None
+
+
+def readiness(ctx: GatewayContext) -> Readiness:
+    """Every check of ``/readyz``."""
+    node = ctx.system.node
+    r = ctx.readiness
+    age_s = (now_ms() - r.broker_checked_ms) / 1000
+    checks = [
+        Check(
+            name="broker",
+            ok=r.broker_ok,
+            detail=f"answered {age_s:.0f} s ago"
+            if r.broker_ok
+            else f"unreachable: {r.broker_error or 'no answer'}",
+        )
+    ]
+    assigned = node.assigned_partitions()
+    expected = len(node.inbox) * node.settings.partitions
+    checks.append(
+        Check(
+            name="partitions",
+            ok=assigned >= expected,
+            detail=f"{assigned} of {expected} inbox partitions assigned",
+        )
+    )
+    store_error = _store_writable(ctx)
+    checks.append(Check(name="store", ok=store_error is None, detail=store_error or "writable"))
+    stalled = [f"{p.topic}:{p.partition}" for p in node.stalled()]
+    failure = node.failure
+    checks.append(
+        Check(
+            name="workers",
+            ok=failure is None and not stalled,
+            detail=f"a worker died: {failure!r}"[:200]
+            if failure is not None
+            else (f"stalled: {', '.join(stalled)}" if stalled else "running"),
+        )
+    )
+    checks.append(
+        Check(
+            name="draining",
+            ok=not ctx.draining,
+            detail="stopping" if ctx.draining else "serving",
+        )
+    )
+    return Readiness(ready=all(c.ok for c in checks), province=ctx.province, checks=checks)
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready: the failing checks"}},
+)
+async def readyz(ctx: GatewayContext = Depends(context)) -> JSONResponse:
+    """Ready for traffic: broker reachable, partitions assigned, store writable, no dead
+    worker or stalled partition, not draining."""
+    result = readiness(ctx)
+    return JSONResponse(result.model_dump(), status_code=200 if result.ready else 503)
