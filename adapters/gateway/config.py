@@ -270,7 +270,7 @@ def load_config(
     source = os.environ if env is None else env
     raw: dict[str, Any] = {}
     origins: dict[tuple[str, ...], Origin] = {}
-    locator = TomlLocator(None)
+    text = ""
     file_name = str(path) if path is not None else ""
     if path is not None:
         try:
@@ -282,7 +282,6 @@ def load_config(
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        locator = TomlLocator(text)
         for p in _env_paths():
             value: Any = raw
             for part in p:
@@ -302,7 +301,7 @@ def load_config(
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_first_problem(exc, origins, locator, file_name)) from None
+        raise ConfigError(_first_problem(exc, origins, text, file_name)) from None
     return LoadedConfig(config, origins)
 
 
@@ -324,7 +323,7 @@ def _line_of(text: str, path: tuple[str, ...]) -> int | None:
 def _first_problem(
     exc: ValidationError,
     origins: Mapping[tuple[str, ...], Origin],
-    locator: TomlLocator,
+    text: str,
     file_name: str,
 ) -> str:
     errors = exc.errors()
@@ -339,7 +338,7 @@ def _first_problem(
     if origin is not None and origin.kind == "flag":
         return f"{origin.name}: {field}: {message}{more}"
     if file_name:
-        line = origin.line if origin is not None else locator.locate(loc)[0]
+        line = origin.line if origin is not None else _line_of(text, loc)
         where = f"line {line}: " if line else ""
         if first["type"] == "missing":
             where = ""

@@ -24,7 +24,7 @@ TEST_TOKENS: Final = {role: f"xsettle-test-token-{role}" for role in ROLES}
 """One well-known token per role (tests, demo): never for a real gateway."""
 
 
-def test_token_config() -> TokenConfig:
+def fixed_token_config() -> TokenConfig:
     """The hashes of :data:`TEST_TOKENS`."""
     return TokenConfig(**{role: (hash_token(token),) for role, token in TEST_TOKENS.items()})
 
@@ -48,7 +48,7 @@ def gateway_config(
             "state_dir": state_dir,
             "http": {"host": "127.0.0.1", "port": port},
             "review_desk": {"enabled": review_desk},
-            "tokens": test_token_config(),
+            "tokens": fixed_token_config(),
             "bus": bus,
             "start_attempts": 3,
             "start_backoff_s": 0.5,
