@@ -1,6 +1,8 @@
 # The xsettle command in a container, for docker-compose.yml or any Kafka cluster:
 #   docker build -t xsettle:0.1.0 .
 #   docker run --rm -e XSETTLE_BOOTSTRAP=host:9092 xsettle:0.1.0 xsettle demo --bootstrap host:9092
+# Health of a gateway without curl (not in this image): python's urllib on /readyz, as the
+# gateway-<code> services of docker-compose.yml do.
 # No ENTRYPOINT: the command is always spelled out in full, starting with `xsettle`.
 FROM python:3.11.11-slim-bookworm
 
@@ -25,5 +27,9 @@ RUN pip install --no-cache-dir /tmp/xsettle \
 USER 10001:10001
 WORKDIR /var/lib/xsettle
 ENV XSETTLE_STATE_DIR=/var/lib/xsettle/var
+# The state folder exists in the image, owned by xsettle: a named volume mounted on it (the
+# gateways of docker-compose.yml) starts with that owner, so the gateway can write into it.
+# Not a VOLUME: the demo keeps nothing, and a volume is the compose file's choice.
+RUN mkdir -p "$XSETTLE_STATE_DIR"
 
 CMD ["xsettle", "--help"]

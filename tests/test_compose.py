@@ -6,8 +6,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -42,6 +45,12 @@ PRINCIPALS = ("admin", "ops", "demo", *(f"p{code}" for code in DEFAULT_PROVINCES
 ADMIN_CONFIG = "/etc/kafka/secrets/admin.properties"
 SECRETS_MOUNT = "./deploy/kafka/secrets"
 CA_IN_XSETTLE = "/etc/xsettle/kafka/ca.crt"
+# The province gateways compose runs (service gateway-<code>) and the port each publishes.
+GATEWAYS = {"130000": 8130, "460000": 8460}
+GATEWAY_DEPLOY = ROOT / "deploy" / "gateway"
+GATEWAY_SECRETS = "deploy/gateway/secrets"
+GATEWAY_CONFIG = "/etc/xsettle/gateway.toml"
+MAKE_TOKENS = GATEWAY_DEPLOY / "make-tokens.sh"
 
 
 def _compose() -> dict[str, Any]:
@@ -614,12 +623,16 @@ def test_setup_services_act_as_admin() -> None:
 
 
 def test_mounted_scripts_exist() -> None:
-    """Every file compose mounts from deploy/kafka is in the repository, except the secrets
-    folder, which make-certs.sh writes."""
+    """Every file compose mounts from the repository is in it, except the secrets folder,
+    which make-certs.sh writes; every named volume is declared."""
+    declared = set(_compose().get("volumes") or {})
     for name, service in _services().items():
         for volume in service.get("volumes", []):
             source = str(volume).split(":", 1)[0]
             if source.startswith(SECRETS_MOUNT):
+                continue
+            if not source.startswith(("./", "/")):
+                assert source in declared, f"{name}: named volume {source} is not declared"
                 continue
             assert (ROOT / source).is_file(), f"{name}: {source}"
 
@@ -632,6 +645,7 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
 
     services = _xsettle_services()
     expected = {"demo": "demo", "ops": "ops", "province": "p460000", "others": "demo"}
+    expected |= {f"gateway-{code}": f"p{code}" for code in GATEWAYS}
     assert set(services) == set(expected)
     ca = tmp_path / "ca.crt"
     ca.write_text("placeholder\n", encoding="utf-8")
@@ -643,7 +657,9 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
         assert env["XSETTLE_SASL_MECHANISM"] == "SCRAM-SHA-512", name
         assert env["XSETTLE_SSL_CAFILE"] == CA_IN_XSETTLE, name
         assert "XSETTLE_SASL_PASSWORD" not in env, f"{name}: a password written in compose"
-        assert service["env_file"] == [f"deploy/kafka/secrets/{username}.env"], name
+        assert service["env_file"][0] == f"deploy/kafka/secrets/{username}.env", name
+        tokens = [f"{GATEWAY_SECRETS}/{username[1:]}.env"] if name.startswith("gateway-") else []
+        assert service["env_file"][1:] == tokens, name
         assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in service["volumes"], name
         condition = service["depends_on"]["acls"]["condition"]
         assert condition == "service_completed_successfully", name
@@ -654,3 +670,303 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
         assert settings.bootstrap == INTERNAL_BOOTSTRAP
     assert services["province"]["command"][:3] == ["xsettle", "province", "460000"]
     assert services["others"]["command"][:4] == ["xsettle", "simulate", "--except", "460000"]
+
+
+# --- province gateways: services, configuration files, tokens -----------------------------------
+def _gateway(code: str) -> dict[str, Any]:
+    return _services()[f"gateway-{code}"]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``45s``, ``1m30s``, ``500ms``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(duration))
+    assert parts, duration
+    assert "".join(n + u for n, u in parts) == str(duration), duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _image_state_dir() -> str:
+    """XSETTLE_STATE_DIR of the image, which overrides a configuration file's state_dir."""
+    found = re.search(
+        r"^ENV XSETTLE_STATE_DIR=(\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M
+    )
+    assert found, "the Dockerfile sets no XSETTLE_STATE_DIR"
+    return found.group(1)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _run_make_tokens(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    sh = shutil.which("sh")
+    if sh is None or shutil.which("openssl") is None:
+        pytest.skip("sh or openssl is not installed")
+    return subprocess.run(
+        [sh, str(MAKE_TOKENS), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "")},
+        timeout=60,
+    )
+
+
+def test_gateways_run_the_provinces_compose_runs() -> None:
+    """A gateway service for each province compose runs as a province (460000) and for Hebei
+    (130000), each a province of provinces.txt, each with its configuration file, and no
+    configuration file without its service."""
+    services = _services()
+    names = {name for name in services if name.startswith("gateway-")}
+    assert names == {f"gateway-{code}" for code in GATEWAYS}
+    assert services["province"]["command"][2] in GATEWAYS
+    assert set(GATEWAYS) <= set(DEFAULT_PROVINCES)
+    assert {path.stem for path in GATEWAY_DEPLOY.glob("*.toml")} == set(GATEWAYS)
+
+
+def test_gateway_services_are_complete() -> None:
+    """Each gateway runs `xsettle gateway` on its read-only configuration, keeps its state in
+    its own named volume, publishes its port on the host's loopback, waits for a healthy
+    broker and the topics and ACLs, and is stopped by SIGTERM with more grace than its drain."""
+    from adapters.gateway.config import load_config
+
+    declared = _compose()["volumes"]
+    published: list[str] = []
+    for code, port in GATEWAYS.items():
+        service = _gateway(code)
+        config = load_config(GATEWAY_DEPLOY / f"{code}.toml", env={}).config
+        assert service["profiles"] == ["gateway"], code
+        assert service["command"] == ["xsettle", "gateway", "--config", GATEWAY_CONFIG], code
+        volumes = [str(v) for v in service["volumes"]]
+        assert f"./deploy/gateway/{code}.toml:{GATEWAY_CONFIG}:ro" in volumes, code
+        assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in volumes, code
+        state = f"gateway-{code}-state"
+        assert f"{state}:{config.state_dir}" in volumes, code
+        assert state in declared, code
+        assert service["ports"] == [f"127.0.0.1:{port}:{port}"], code
+        published.append(str(port))
+        depends = service["depends_on"]
+        assert depends["kafka"]["condition"] == "service_healthy", code
+        assert depends["topics"]["condition"] == "service_completed_successfully", code
+        assert depends["acls"]["condition"] == "service_completed_successfully", code
+        assert service["stop_signal"] == "SIGTERM", code
+        assert _seconds(service["stop_grace_period"]) > config.drain_timeout_s + 5, code
+        assert service["restart"] == "unless-stopped", code
+        assert service["image"] == "xsettle:0.1.0", code
+    assert len(set(published)) == len(published), "two gateways publish one port"
+    assert len({f"gateway-{code}-state" for code in GATEWAYS}) == len(GATEWAYS)
+
+
+def test_gateway_configs_load_name_their_province_and_hold_no_secret() -> None:
+    """Each deploy/gateway/<code>.toml loads by itself, names its province, listens where
+    compose publishes it, keeps its state where the volume and the image say, and holds no
+    token hash, password or key."""
+    import tomllib
+
+    from adapters.gateway.config import load_config
+
+    for code, port in GATEWAYS.items():
+        path = GATEWAY_DEPLOY / f"{code}.toml"
+        config = load_config(path, env={}).config
+        assert config.province == code
+        assert config.http.port == port
+        assert config.http.host == "0.0.0.0"  # noqa: S104 - in the container; published on loopback
+        assert str(config.state_dir) == _image_state_dir()
+        assert config.review_desk.enabled
+        assert config.bus.bootstrap == INTERNAL_BOOTSTRAP
+        assert all(
+            config.tokens.of(role) == () for role in ("agency", "hospital", "reviewer", "ops")
+        )
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+        assert "tokens" not in raw, code
+        assert not {k for k in raw.get("bus", {}) if "password" in k or "key" in k}, code
+        assert "sha256:" not in text, code
+        assert not re.search(r"[A-Za-z0-9_-]{43}", text), f"{code}: something like a token"
+
+
+def test_gateway_configs_load_as_the_container_sees_them(tmp_path: Path) -> None:
+    """With the service's variables, the image's, and its two env files (placeholders), each
+    configuration is a SASL_SSL gateway logged in as its own principal with its token hashes."""
+    from adapters.gateway.config import hash_token, load_config
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("placeholder\n", encoding="utf-8")
+    for code in GATEWAYS:
+        env = {
+            "XSETTLE_STATE_DIR": _image_state_dir(),
+            **_environment(_gateway(code)),
+            "XSETTLE_SASL_USERNAME": f"p{code}",
+            "XSETTLE_SASL_PASSWORD": "from-p-env-file",
+            "XSETTLE_TOKENS_HOSPITAL": f"{hash_token('a')},{hash_token('b')}",
+            "XSETTLE_SSL_CAFILE": str(ca),
+        }
+        loaded = load_config(GATEWAY_DEPLOY / f"{code}.toml", env=env)
+        config = loaded.config
+        assert config.province == code
+        assert config.bus.security_protocol == "SASL_SSL"
+        assert config.bus.sasl_mechanism == "SCRAM-SHA-512"
+        assert config.bus.sasl_username == f"p{code}"
+        assert config.tokens.hospital == (hash_token("a"), hash_token("b"))
+        assert str(config.state_dir) == _image_state_dir()
+        assert "from-p-env-file" not in loaded.render()
+
+
+class _Readyz(BaseHTTPRequestHandler):
+    status = 200
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).paths.append(self.path)
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def _probe(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_gateway_healthcheck_asks_readyz() -> None:
+    """The healthcheck runs python's urllib (no curl in the image) on the gateway's /readyz:
+    healthy on 200, unhealthy on 503 or when nothing answers, within the check's timeout."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for code, port in GATEWAYS.items():
+            healthcheck = _gateway(code)["healthcheck"]
+            test = healthcheck["test"]
+            assert test[:3] == ["CMD", "python", "-c"], code
+            script = test[3]
+            assert "$" not in script, f"{code}: compose would interpolate"
+            urls = re.findall(r"http://[^\"']+", script)
+            assert urls == [f"http://127.0.0.1:{port}/readyz"], code
+            [timeout] = re.findall(r"timeout=(\d+)", script)
+            assert int(timeout) < _seconds(healthcheck["timeout"]), code
+            assert _seconds(healthcheck["start_period"]) >= 60, code
+            local = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}")
+            _Readyz.paths.clear()
+            _Readyz.status = 200
+            assert _probe(local).returncode == 0, code
+            assert _Readyz.paths == ["/readyz"], code
+            _Readyz.status = 503
+            failed = _probe(local)
+            assert failed.returncode != 0, code
+            assert "not ready" in failed.stderr, code
+        server.shutdown()
+        server.server_close()
+        closed = _probe(local)  # nothing listens on that port any more
+        assert closed.returncode != 0
+        assert "not ready" in closed.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_make_tokens_script_is_posix_sh() -> None:
+    """make-tokens.sh parses with `sh -n` and can be run directly."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    done = subprocess.run([sh, "-n", str(MAKE_TOKENS)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert os.access(MAKE_TOKENS, os.X_OK)
+    assert MAKE_TOKENS.read_text(encoding="utf-8").startswith("#!/bin/sh\n")
+
+
+def test_make_tokens_writes_hashes_the_gateways_accept(tmp_path: Path) -> None:
+    """For every gateway configuration, a plain token per role (readable by its owner only,
+    never printed) and an env file of XSETTLE_TOKENS_<ROLE>=sha256:... that the configuration
+    loads and that matches that token only."""
+    from adapters.gateway.config import ROLES, hash_token, load_config, token_matches
+
+    done = _run_make_tokens(tmp_path)
+    assert done.returncode == 0, done.stderr
+    secrets = tmp_path / "secrets"
+    assert secrets.stat().st_mode & 0o077 == 0
+    assert sorted(p.name for p in secrets.iterdir()) == sorted(
+        f"{code}.{ext}" for code in GATEWAYS for ext in ("env", "tokens")
+    )
+    seen: set[str] = set()
+    for code in GATEWAYS:
+        tokens = _env_file(secrets / f"{code}.tokens")
+        hashes = _env_file(secrets / f"{code}.env")
+        assert list(tokens) == list(ROLES)
+        assert list(hashes) == [f"XSETTLE_TOKENS_{role.upper()}" for role in ROLES]
+        for path in (secrets / f"{code}.tokens", secrets / f"{code}.env"):
+            assert path.stat().st_mode & 0o077 == 0, path
+        config = load_config(GATEWAY_DEPLOY / f"{code}.toml", env=hashes).config
+        for role, token in tokens.items():
+            assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token), role
+            assert token not in done.stdout + done.stderr
+            assert hashes[f"XSETTLE_TOKENS_{role.upper()}"] == hash_token(token)
+            assert config.tokens.of(role) == (hash_token(token),)
+            for other in ROLES:
+                assert token_matches(token, config.tokens.of(other)) is (other == role)
+            seen.add(token)
+    assert len(seen) == len(GATEWAYS) * len(ROLES), "a token made twice"
+
+
+def test_make_tokens_keeps_what_exists(tmp_path: Path) -> None:
+    """Run again, nothing changes; a token deleted from a .tokens file is made again alone and
+    its hash follows; --force makes new ones; a bad province code stops the script."""
+    from adapters.gateway.config import hash_token
+
+    assert _run_make_tokens(tmp_path).returncode == 0
+    secrets = tmp_path / "secrets"
+    before = {p.name: p.read_bytes() for p in secrets.iterdir()}
+    again = _run_make_tokens(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in secrets.iterdir()} == before
+
+    hainan = secrets / "460000.tokens"
+    old = _env_file(hainan)
+    kept = hainan.read_text(encoding="utf-8").splitlines()
+    hainan.write_text(
+        "".join(f"{line}\n" for line in kept if not line.startswith("hospital=")),
+        encoding="utf-8",
+    )
+    assert _run_make_tokens(tmp_path, "460000").returncode == 0
+    new = _env_file(hainan)
+    assert new["hospital"] != old["hospital"]
+    assert {k: v for k, v in new.items() if k != "hospital"} == {
+        k: v for k, v in old.items() if k != "hospital"
+    }
+    hashes = _env_file(secrets / "460000.env")
+    assert hashes["XSETTLE_TOKENS_HOSPITAL"] == hash_token(new["hospital"])
+    assert (secrets / "130000.tokens").read_bytes() == before["130000.tokens"]
+
+    hebei = _env_file(secrets / "130000.tokens")
+    assert _run_make_tokens(tmp_path, "--force", "130000").returncode == 0
+    forced = _env_file(secrets / "130000.tokens")
+    assert forced.keys() == hebei.keys()
+    assert all(forced[role] != hebei[role] for role in hebei)
+    assert _env_file(hainan) == new
+
+    bad = _run_make_tokens(tmp_path, "46000")
+    assert bad.returncode != 0
+    assert "46000 is not a province code" in bad.stderr
+    assert not (secrets / "46000.env").exists()
+
+
+def test_gateway_secrets_are_never_committed() -> None:
+    """git ignores what make-tokens.sh writes, and not the gateway configuration files."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("460000.env", "460000.tokens", "130000.tokens"):
+        path = f"{GATEWAY_SECRETS}/{name}"
+        ignored = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert ignored.returncode == 0, path
+    for code in GATEWAYS:
+        path = f"deploy/gateway/{code}.toml"
+        ignored = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert ignored.returncode == 1, path

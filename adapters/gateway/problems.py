@@ -149,14 +149,58 @@ def install(app: FastAPI) -> None:
             500, "internal-error", "internal error (logged with its traceback)"
         ).response()
 
+    document_problems(app)
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_error)
 
 
+def document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API sends: every 4xx response of a route is
+    ``application/problem+json`` (FastAPI documents the models under ``application/json``)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault(
+            "ProblemBody",
+            ProblemBody.model_json_schema(ref_template="#/components/schemas/{model}"),
+        )
+        components.setdefault("FieldProblem", FieldProblem.model_json_schema())
+        components["ProblemBody"].pop("$defs", None)
+        ref = {"schema": {"$ref": "#/components/schemas/ProblemBody"}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                implied = []
+                if "requestBody" in operation:
+                    implied += ["400", "422"]  # an unreadable or invalid body
+                if operation.get("security"):
+                    implied.append("401")  # a token no role has, even on public routes
+                for status in implied:
+                    responses.setdefault(
+                        status,
+                        {
+                            "description": HTTPStatus(int(status)).phrase,
+                            "content": {"application/json": dict(ref)},
+                        },
+                    )
+                for status, response in responses.items():
+                    content = response.get("content", {})
+                    if str(status).startswith("4") and "application/json" in content:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 PROBLEM_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     code: {"model": ProblemBody, "description": HTTPStatus(code).phrase}
-    for code in (401, 403, 404, 409, 422)
+    for code in (400, 401, 403, 404, 409, 422)
 }
 """OpenAPI ``responses=`` for routes: every error is a :class:`ProblemBody`."""
