@@ -216,3 +216,24 @@ class TestRefusals:
         lines = [line.strip() for line in done.stdout.splitlines()]
         token = lines[1]
         assert f'reviewer = ["{hash_token(token)}"]' in lines
+
+
+class TestPublicTokens:
+    """The repository's well-known test tokens only work on a loopback address."""
+
+    def test_off_loopback_they_are_refused(self, tmp_path: Path) -> None:
+        from adapters.gateway.service import GatewayRefused, refuse_test_tokens_off_loopback
+
+        local = load_config(Path("deploy/gateway/local/460000.toml"), env={}).config
+        refuse_test_tokens_off_loopback(local)  # 127.0.0.1: fine
+        exposed = local.model_copy(
+            update={"http": local.http.model_copy(update={"host": "10.1.2.3"})}
+        )
+        with pytest.raises(GatewayRefused, match=r"tokens\.agency holds the public test token"):
+            refuse_test_tokens_off_loopback(exposed)
+
+    def test_the_local_configurations_load(self) -> None:
+        for code in ("130000", "460000"):
+            config = load_config(Path(f"deploy/gateway/local/{code}.toml"), env={}).config
+            assert config.province == code
+            assert config.http.host == "127.0.0.1"

@@ -35,7 +35,7 @@ import uvicorn
 from adapters.directory import Directory, DirectoryError
 from adapters.gateway.admissions import AdmissionBook
 from adapters.gateway.app import GatewayContext, create_app
-from adapters.gateway.config import GatewayConfig
+from adapters.gateway.config import ROLES, GatewayConfig
 from adapters.province import ProvinceSystem
 from adapters.review_desk import ReviewDeskSettings
 from bus.envelope import now_ms
@@ -103,6 +103,24 @@ def check_state_dir(folder: Path) -> None:
         raise GatewayRefused(
             f"state folder {folder} is not writable: {exc.strerror or exc} (state_dir)"
         ) from None
+
+
+def refuse_test_tokens_off_loopback(config: GatewayConfig) -> None:
+    """The well-known test tokens (:data:`adapters.gateway.testing.TEST_TOKENS`) are accepted
+    on a loopback address only: anyone can read them in this repository."""
+    from adapters.gateway.testing import fixed_token_config
+
+    known = fixed_token_config()
+    host = config.http.host
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if loopback:
+        return
+    for role in ROLES:
+        if set(config.tokens.of(role)) & set(known.of(role)):
+            raise GatewayRefused(
+                f"tokens.{role} holds the public test token, and http.host {host} is not a "
+                "loopback address: make real tokens with `xsettle gateway --new-token ROLE`"
+            )
 
 
 def load_directory(config: GatewayConfig) -> Directory:
@@ -184,6 +202,7 @@ class Gateway:
         directory = self._directory or load_directory(cfg)
         if cfg.province not in directory.provinces():
             raise GatewayRefused(f"province {cfg.province} is not in the directory")
+        refuse_test_tokens_off_loopback(cfg)
         check_state_dir(cfg.state_dir)
         self._sock = bind(cfg.http.host, cfg.http.port)
         try:
