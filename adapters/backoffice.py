@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from adapters.rules import YearUsage
 from bus.db import Database
+from bus.envelope import now_ms
 from bus.models import (
     ClaimPackage,
     FilingStatus,
@@ -193,6 +194,35 @@ class HostClaim:
         return self.requests[-1] if self.requests else None
 
 
+@dataclass(frozen=True, slots=True)
+class HomeFiling:
+    """A filing as the home agency keeps it: its latest upload and the host's receipt."""
+
+    filing: FilingUpload
+    """The latest upload of the filing (CREATE, UPDATE or REVOKE)."""
+    receipt: FilingStatus | None
+    """The host's receipt of that upload (None: not come yet)."""
+    receipt_at_ms: int | None
+    """When the home recorded the receipt, epoch ms (None: not come yet, or recorded before
+    the time was kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PersonReview:
+    """A review the home made of one of a person's claims, and the host's settlement of it."""
+
+    claim_id: str
+    """The claim."""
+    host: str | None
+    """The host province that sent the claim."""
+    year: int | None
+    """The year of discharge (whose caps the claim counts against)."""
+    result: ReviewResult
+    """The review as answered."""
+    settlement: SettlementNotice | None
+    """The host's settlement notice, once come."""
+
+
 class HomeBackOffice(Protocol):
     """The home agency's systems (参保地经办机构)."""
 
@@ -311,6 +341,18 @@ CREATE TABLE IF NOT EXISTS claim_events (claim_id TEXT, seq INTEGER, at_ms INTEG
 """The host's claim index by state, the request ids of operators' re-sends, and the claims'
 timelines (added in 1.2: created beside the tables of older files)."""
 
+_ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "home_filings": {"receipt_at_ms": "INTEGER"},
+    "reviews": {"person_id": "TEXT", "year": "INTEGER"},
+}
+"""Columns added for the gateway's queries (when a filing's receipt came; whose claim a review
+was, and its year): added to older files at open, NULL in their old rows."""
+
+_PUBLIC_QUERY_SCHEMA = """
+CREATE INDEX IF NOT EXISTS home_filings_id ON home_filings (filing_id);
+CREATE INDEX IF NOT EXISTS reviews_person ON reviews (person_id, year);
+"""
+
 
 def _dump_claim(c: HostClaim) -> str:
     return json.dumps(
@@ -360,6 +402,15 @@ def _load_claim(text: str) -> HostClaim:
     )
 
 
+def _home_filing(row: tuple[Any, ...]) -> HomeFiling:
+    data, receipt, at_ms = row
+    return HomeFiling(
+        filing=FilingUpload.model_validate_json(data),
+        receipt=FilingStatus(receipt) if receipt else None,
+        receipt_at_ms=None if at_ms is None else int(at_ms),
+    )
+
+
 def _terminal_values() -> tuple[str, ...]:
     return tuple(sorted(s.value for s in TERMINAL_STATES))
 
@@ -381,6 +432,9 @@ class SqliteBackOffice:
         self.db = db if isinstance(db, Database) else Database(db)
         self.db.migrate(_SCHEMA)
         self.db.migrate(_CLAIM_TIMELINE_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            self.db.add_columns(table, columns)
+        self.db.migrate(_PUBLIC_QUERY_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -438,8 +492,28 @@ class SqliteBackOffice:
     def record_receipt(self, filing_id: str, status: FilingStatus) -> None:
         with self._tx() as cur:
             cur.execute(
-                "UPDATE home_filings SET receipt = ? WHERE filing_id = ?", (status.value, filing_id)
+                "UPDATE home_filings SET receipt = ?, receipt_at_ms = ? WHERE filing_id = ?",
+                (status.value, now_ms(), filing_id),
             )
+
+    def home_filing(self, filing_id: str) -> HomeFiling | None:
+        """A filing this agency made, as it stands (its latest upload), or None."""
+        rows = self._all(
+            "SELECT data, receipt, receipt_at_ms FROM home_filings WHERE filing_id = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (filing_id,),
+        )
+        return _home_filing(rows[0]) if rows else None
+
+    def home_filings_of(self, person_id: str) -> list[HomeFiling]:
+        """The filings this agency made for a person, as they stand, oldest first."""
+        rows = self._all(
+            "SELECT data, receipt, receipt_at_ms FROM home_filings WHERE seq IN "
+            "(SELECT max(seq) FROM home_filings WHERE person_id = ? GROUP BY filing_id) "
+            "ORDER BY seq",
+            (person_id,),
+        )
+        return [_home_filing(r) for r in rows]
 
     def receipts(self) -> dict[str, int]:
         """Filings by receipt status ("" for none yet)."""
@@ -476,8 +550,9 @@ class SqliteBackOffice:
             if row is not None:
                 return str(row[0]), ReviewResult.model_validate_json(row[1])
             cur.execute(
-                "INSERT INTO reviews VALUES (?, ?, ?, ?)",
-                (claim_id, request_id, result.model_dump_json(), host),
+                "INSERT INTO reviews (claim_id, request_id, data, host, person_id, year) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (claim_id, request_id, result.model_dump_json(), host, person_id, year),
             )
             cur.execute(
                 "INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
@@ -493,6 +568,29 @@ class SqliteBackOffice:
         """Every review made (the demo's report reads these)."""
         return [
             ReviewResult.model_validate_json(r[0]) for r in self._all("SELECT data FROM reviews")
+        ]
+
+    def reviews_of(self, person_id: str, year: int | None = None) -> list[PersonReview]:
+        """The reviews of a person's claims (of one discharge year, if given), oldest first,
+        each with its settlement notice once come. Reviews stored before the person was kept
+        with them are not found."""
+        sql = (
+            "SELECT r.claim_id, r.host, r.year, r.data, s.data FROM reviews r "
+            "LEFT JOIN settlements s ON s.claim_id = r.claim_id WHERE r.person_id = ?"
+        )
+        args: tuple[Any, ...] = (person_id,)
+        if year is not None:
+            sql += " AND r.year = ?"
+            args += (year,)
+        return [
+            PersonReview(
+                claim_id=str(claim_id),
+                host=None if host is None else str(host),
+                year=None if y is None else int(y),
+                result=ReviewResult.model_validate_json(data),
+                settlement=None if notice is None else SettlementNotice.model_validate_json(notice),
+            )
+            for claim_id, host, y, data, notice in self._all(sql + " ORDER BY r.rowid", args)
         ]
 
     def record_settlement(self, notice: SettlementNotice) -> None:
@@ -550,6 +648,16 @@ class SqliteBackOffice:
     def claim(self, claim_id: str) -> HostClaim | None:
         rows = self._all("SELECT data FROM claims WHERE claim_id = ?", (claim_id,))
         return _load_claim(rows[0][0]) if rows else None
+
+    def claims_of(self, person_id: str) -> list[HostClaim]:
+        """A person's claims at this host, oldest submission first (only theirs are
+        decoded)."""
+        rows = self._all(
+            "SELECT data FROM claims WHERE json_extract(data, '$.claim.person_id') = ? "
+            "ORDER BY json_extract(data, '$.claim.submitted_at'), claim_id",
+            (person_id,),
+        )
+        return [_load_claim(r[0]) for r in rows]
 
     def claim_by_request(self, request_id: str) -> HostClaim | None:
         rows = self._all("SELECT data FROM claims WHERE request_id = ?", (request_id,))

@@ -1,4 +1,5 @@
-"""The directory: regions, designated hospitals, agreements, home policies, host catalogues.
+"""The directory: regions, designated hospitals, agreements, home policies, host catalogues,
+and the agencies (经办机构) the public may contact.
 
 Loaded from a human-editable TOML file (``default_directory.toml`` beside this module is the
 network of seed 003: Hainan and its partners), validated by pydantic and cross-checked. A bad
@@ -109,6 +110,25 @@ class Agreement(_Frozen):
     hospitals: Literal["all"] | tuple[HospitalCode, ...]
 
 
+class Agency(_Frozen):
+    """A medical insurance agency (经办机构) that takes filings and answers the public: what
+    the national query site lists under 异地就医经办机构查询."""
+
+    code: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    name: str = Field(min_length=1)
+    region: RegionCode
+    """Where the agency sits (a pooling region of the directory)."""
+    phone: str = Field(pattern=r"^[0-9][0-9 ()+-]{4,31}$")
+    address: str = Field(min_length=1)
+    hours: str | None = None
+    """Opening hours, as the agency words them."""
+
+    @property
+    def province(self) -> str:
+        """The agency's province code."""
+        return province_of(self.region)
+
+
 class CatalogueItem(_Frozen):
     """One host catalogue entry; ``unit_price_fen`` is the reference price simulators use."""
 
@@ -185,6 +205,8 @@ class DirectoryData(_Frozen):
     policies: tuple[Policy, ...] = ()
     catalogues: tuple[Catalogue, ...] = ()
     keys: tuple[SigningKeyEntry, ...] = ()
+    agencies: tuple[Agency, ...] = ()
+    """Optional: the agencies (经办机构) the public queries list."""
     demo_keys: bool = False
     """Simulations only: a province with no key listed signs with its demo key
     (``<code>-demo-1``, derivable by anyone). Never in a real directory."""
@@ -375,6 +397,10 @@ def _cross_check(data: DirectoryData) -> list[tuple[Loc, str]]:
     for i, hospital in enumerate(data.hospitals):
         if hospital.region not in regions:
             found.append((("hospitals", i, "region"), f"unknown region {hospital.region}"))
+    found += _duplicates("agencies", [a.code for a in data.agencies], "agency code")
+    for i, agency in enumerate(data.agencies):
+        if agency.region not in regions:
+            found.append((("agencies", i, "region"), f"unknown region {agency.region}"))
     for i, policy in enumerate(data.policies):
         if policy.home_region not in regions:
             found.append((("policies", i, "home_region"), f"unknown region {policy.home_region}"))
@@ -523,6 +549,14 @@ class Directory:
             return ()
         return tuple(h for h in self.hospitals_of(agreement.host) if self.allows(agreement, h.code))
 
+    def agencies(self, province: str | None = None) -> tuple[Agency, ...]:
+        """The agencies (经办机构), in file order; only those of ``province`` when given (a
+        region code is taken as its province)."""
+        if province is None:
+            return self.data.agencies
+        code = province_of(province)
+        return tuple(a for a in self.data.agencies if a.province == code)
+
     def policy(self, home_region: str) -> Policy | None:
         """The benefit policy of a home region, if any."""
         return self._policies.get(home_region)
@@ -628,6 +662,9 @@ class Directory:
             "catalogues": [
                 {"host": c.host, "items": [i.model_dump(mode="json") for i in c.items]}
                 for c in self.data.catalogues
+            ],
+            "agencies": [
+                {**a.model_dump(mode="json"), "province": a.province} for a in self.data.agencies
             ],
         }
 

@@ -17,10 +17,11 @@ once, against usage that counts the open reservations.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Protocol, runtime_checkable
 
 import structlog
 
-from adapters.backoffice import HomeBackOffice
+from adapters.backoffice import HomeBackOffice, Person
 from adapters.directory import Directory, province_of
 from adapters.review_desk import ReviewDesk, ReviewDeskSettings
 from adapters.rules import add_usage, check_amounts, review, review_result, spent
@@ -46,6 +47,15 @@ log = structlog.get_logger(__name__)
 
 FILING_DEADLINE_S = 60.0
 """A host registers a filing in real time (seed 000: uploaded at once); a minute is generous."""
+
+
+@runtime_checkable
+class PersonRegistry(Protocol):
+    """A home back office that also enrols persons (optional: the agency API files with the
+    person's data; :class:`adapters.backoffice.SqliteBackOffice` is one)."""
+
+    def add_person(self, person: Person) -> None:
+        """Enrol a person, or replace what is known of them (an upsert)."""
 
 
 def filing_covers(filing: FilingUpload, host_region: str, on: dt.date) -> ErrorCode | None:
@@ -99,10 +109,19 @@ class HomeRole:
         node.on(ErrorReport)(self._on_report)
         node.on_answer(FilingUpload)(self._on_receipt)
 
-    async def file(self, filing: FilingUpload) -> str:
+    async def file(self, filing: FilingUpload, person: Person | None = None) -> str:
         """Register a filing here and upload it to the host, in one step; returns the
-        request id."""
+        request id. ``person`` (the agency counter's data of the insured) is enrolled or
+        updated in the same step, so the filing and its person commit together; it needs a
+        back office that enrols persons (:class:`PersonRegistry`)."""
+        registry = None
+        if person is not None:
+            if not isinstance(self.backoffice, PersonRegistry):
+                raise TypeError("this back office does not enrol persons (no add_person)")
+            registry = self.backoffice
         async with self.node.step() as step:
+            if registry is not None and person is not None:
+                registry.add_person(person)
             self.backoffice.record_filing(filing)
             request_id = await self.node.request(filing, deadline_s=FILING_DEADLINE_S)
         await self.node.delivered(step)  # the counter waits for the broker, not the receipt

@@ -366,3 +366,68 @@ def test_unknown_section_and_bad_toml(tmp_path: Path) -> None:
         load(write(tmp_path, '[[regions]]\ncode = "460100\n'))
     with pytest.raises(DirectoryError, match="No such file"):
         load(tmp_path / "missing.toml")
+
+
+# --- Agencies (经办机构) ------------------------------------------------------------------------
+AGENCY = """
+[[agencies]]
+code = "AG-460000"
+name = "海南省医疗保障局异地就医结算中心"
+region = "460100"
+phone = "0898-12333001"
+address = "海南省海口市美兰区海府路 59 号"
+"""
+
+
+def test_default_agencies_one_per_province_plus_two_cities() -> None:
+    """Every province of the default directory has an agency; Shijiazhuang and Haikou have a
+    city agency too; the query filters by province (a region code counts as its province)."""
+    d = default()
+    agencies = d.agencies()
+    assert {a.province for a in agencies} == {p.code for p in d.data.provinces}
+    assert {a.region for a in agencies if a.name.startswith(("石家庄", "海口"))} == {
+        "130100",
+        "460100",
+    }
+    hebei = d.agencies("130000")
+    assert next(a.name for a in hebei) == "河北省医疗保障局异地就医结算中心"
+    assert len(hebei) == 2
+    assert d.agencies("460100") == d.agencies("460000")
+    assert all(a.phone and a.address for a in agencies)
+    assert d.agencies("990000") == ()
+
+
+def test_agencies_are_optional_and_load(tmp_path: Path) -> None:
+    """A file without [[agencies]] loads with none; one with a valid entry lists it."""
+    assert load(write(tmp_path, SMALL)).agencies() == ()
+    (agency,) = load(write(tmp_path, SMALL + AGENCY)).agencies()
+    assert (agency.code, agency.province, agency.hours) == ("AG-460000", HAINAN, None)
+
+
+def test_agency_unknown_region_names_its_line(tmp_path: Path) -> None:
+    """An agency in a region the directory lacks is reported at its region's line."""
+    text = SMALL + AGENCY.replace('region = "460100"', 'region = "469999"')
+    with pytest.raises(DirectoryError) as caught:
+        load(write(tmp_path, text))
+    (problem,) = caught.value.problems
+    assert problem.path == "agencies[0].region"
+    assert problem.message == "unknown region 469999"
+    start = SMALL.count("\n") + 2  # the [[agencies]] header
+    assert (problem.line, problem.entry_line) == (start + 3, start)
+    assert f"line {start + 3}: agencies[0].region" in str(caught.value)
+
+
+def test_agency_duplicate_code_and_bad_phone(tmp_path: Path) -> None:
+    """A second agency with the same code, and a phone with letters, are both reported."""
+    text = SMALL + AGENCY + AGENCY.replace('"0898-12333001"', '"call us"')
+    with pytest.raises(DirectoryError) as caught:
+        load(write(tmp_path, text))
+    (problem,) = caught.value.problems  # field errors first: cross-checks need valid data
+    assert problem.path == "agencies[1].phone"
+    assert problem.line == SMALL.count("\n") + AGENCY.count("\n") + 6
+    with pytest.raises(DirectoryError) as caught:
+        load(write(tmp_path, SMALL + AGENCY + AGENCY))
+    (problem,) = caught.value.problems
+    assert problem.path == "agencies[1]"
+    assert "duplicate agency code AG-460000" in problem.message
+    assert problem.line == SMALL.count("\n") + AGENCY.count("\n") + 2
