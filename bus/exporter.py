@@ -40,8 +40,18 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "xsettle_errors_total": ("code", "ErrorReports this node sent, by code."),
     "xsettle_dead_letters_total": ("kind", "Records dead-lettered, by decode error kind."),
     "xsettle_duplicates_total": ("family", "Messages received again and not handled twice."),
+    "xsettle_worker_crashes_total": ("task", "Workers that died of an unexpected error."),
 }
 """Exported counters: name → (its one label besides ``province``, help text)."""
+
+GAUGES: dict[str, str] = {
+    "xsettle_pending_requests": "Requests sent and still waiting for an answer.",
+    "xsettle_outbox_records": "Records committed and not yet acknowledged by the broker.",
+    "xsettle_stalled_partitions": "Inbox partitions whose record in hand is over 60 s old.",
+    "xsettle_claims_overdue": "The host's claims past their deadline with no answer.",
+}
+"""Exported gauges (label ``province``): name → help text. A node that does not register
+one (``xsettle_claims_overdue`` comes from the host role) has no series of it."""
 
 HISTOGRAMS: dict[str, tuple[str, str]] = {
     "xsettle_answer_latency_seconds": (
@@ -138,11 +148,10 @@ class NodeCollector:
             name: HistogramMetricFamily(name, text, labels=["province", label])
             for name, (label, text) in HISTOGRAMS.items()
         }
-        pending = GaugeMetricFamily(
-            "xsettle_pending_requests",
-            "Requests sent and still waiting for an answer.",
-            labels=["province"],
-        )
+        gauges = {
+            name: GaugeMetricFamily(name, text, labels=["province"])
+            for name, text in GAUGES.items()
+        }
         lag_family = GaugeMetricFamily(
             "xsettle_consumer_lag",
             "Inbox records not yet read, per topic partition.",
@@ -160,13 +169,14 @@ class NodeCollector:
                     hists[name].add_metric(
                         [node.province, labels.get(label, "")], cumulative(counts), total
                     )
-            if "xsettle_pending_requests" in snap.gauges:
-                pending.add_metric([node.province], snap.gauges["xsettle_pending_requests"])
+            for name, value in snap.gauges.items():
+                if name in gauges:
+                    gauges[name].add_metric([node.province], value)
             lags = self._lag(node)
             for part, value in sorted((lags or {}).items(), key=lambda x: str(x[0])):
                 lag_family.add_metric([node.province, part.topic, str(part.partition)], value)
         yield from counters.values()
-        yield pending
+        yield from gauges.values()
         yield from hists.values()
         yield lag_family
 
