@@ -169,9 +169,9 @@ class NodeCollector:
                     hists[name].add_metric(
                         [node.province, labels.get(label, "")], cumulative(counts), total
                     )
-            for name, value in snap.gauges.items():
+            for name, reading in snap.gauges.items():
                 if name in gauges:
-                    gauges[name].add_metric([node.province], value)
+                    gauges[name].add_metric([node.province], reading)
             lags = self._lag(node)
             for part, value in sorted((lags or {}).items(), key=lambda x: str(x[0])):
                 lag_family.add_metric([node.province, part.topic, str(part.partition)], value)

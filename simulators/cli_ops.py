@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import signal
 import sys
 import time
@@ -467,24 +468,68 @@ def _show_claim(office: SqliteBackOffice, claim_id: str, now: int, *, as_json: b
 
 
 async def cmd_console(args: argparse.Namespace) -> int:
-    """``ops console``."""
+    """``ops console``: the ops router, page and ``/metrics`` on uvicorn, cluster-wide (or one
+    province's topics with ``--province``). Sign-in: the ``XSETTLE_TOKENS_OPS`` hashes when
+    set (as for a gateway), else a fresh ops token printed once at start."""
+    from pydantic import ValidationError
+
+    from adapters.directory import Directory, DirectoryError
+    from adapters.gateway.api_ops import ConsoleServer, create_ops_app
+    from adapters.gateway.config import TokenConfig, hash_token, new_token
+    from adapters.gateway.panels import PanelSource, overdue_claims_panel, settlement_stats_panel
+    from adapters.gateway.service import GatewayRefused
+
     bootstrap = _need_bootstrap(args)
     if bootstrap is None:
         return 2
+    try:
+        directory = Directory.load(args.directory) if args.directory else Directory.default()
+    except DirectoryError as exc:
+        first = exc.problems[0] if exc.problems else "unreadable"
+        print(f"xsettle ops console: directory {exc.source}: {first}", file=sys.stderr)
+        return 2
+    fresh: str | None = None
+    hashes = os.environ.get("XSETTLE_TOKENS_OPS", "").strip()
+    try:
+        if hashes:
+            tokens = TokenConfig.model_validate({"ops": hashes})
+        else:
+            fresh = new_token()
+            tokens = TokenConfig(ops=(hash_token(fresh),))
+    except ValidationError as exc:
+        why = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        print(f"xsettle ops console: XSETTLE_TOKENS_OPS: {why}", file=sys.stderr)
+        return 2
     stores: dict[str, Store] = {}
+    offices: dict[str, SqliteBackOffice] = {}
     if args.state_dir:
-        stores = _stores(Path(args.state_dir), None) or {}
-    console = Console(
-        settings_from(args),
-        bootstrap,
-        stores=stores,
-        province=args.province,
-        host=args.host,
-        port=args.port,
-    )
+        stores = _stores(Path(args.state_dir), args.province) or {}
+        for province in stores:
+            path = _province_db(Path(args.state_dir), province)
+            if path is not None:
+                offices[province] = SqliteBackOffice(path)
+    panels: list[PanelSource] = []
+    if offices:
+        panels = [
+            overdue_claims_panel(offices, directory),
+            settlement_stats_panel(offices, directory),
+        ]
+    console = Console(settings_from(args), bootstrap, stores=stores, province=args.province)
+    app = create_ops_app(console, directory, tokens=tokens, panels=panels, scope=args.province)
+    server = ConsoleServer(app, console, args.host, args.port)
     stop = _stop_event()
-    await console.start()
-    print(f"xsettle ops console on {console.url} (Ctrl-C stops it)", flush=True)
+    try:
+        await server.start()
+    except GatewayRefused as exc:
+        print(f"xsettle ops console: {exc}", file=sys.stderr)
+        _close(stores, offices)
+        return 2
+    print(f"xsettle ops console on {server.url} (Ctrl-C stops it)", flush=True)
+    print(f"  metrics: {server.base_url}/metrics (no token)", flush=True)
+    if fresh is not None:
+        print(f"  ops token (this run only): {fresh}", flush=True)
+    else:
+        print("  sign in with an ops token whose hash is in XSETTLE_TOKENS_OPS", flush=True)
     try:
         if args.seconds is not None:
             with contextlib.suppress(TimeoutError):
@@ -492,10 +537,16 @@ async def cmd_console(args: argparse.Namespace) -> int:
         else:
             await stop.wait()
     finally:
-        await console.stop()
-        for store in stores.values():
-            store.close()
+        await server.stop()
+        _close(stores, offices)
     return 0
+
+
+def _close(stores: dict[str, Store], offices: dict[str, SqliteBackOffice]) -> None:
+    for store in stores.values():
+        store.close()
+    for office in offices.values():
+        office.close()
 
 
 def register(subparsers: Any) -> None:
@@ -552,11 +603,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(run=cmd_claims)
 
-    p = sub.add_parser("console", help="serve the ops web console")
+    p = sub.add_parser(
+        "console",
+        help="serve the ops web console (/console, /v1/ops/*, /metrics); sign in with the "
+        "XSETTLE_TOKENS_OPS hashes' tokens, else a fresh ops token printed at start",
+    )
     add_bootstrap(p)
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: free)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--province", help="only this province's error and DLQ topics")
-    p.add_argument("--state-dir", help="show pending requests of the stores in this folder")
+    p.add_argument(
+        "--state-dir",
+        help="show pending and owed requests, overdue claims and settlement statistics of the "
+        "province databases in this folder",
+    )
+    p.add_argument("--directory", help="directory TOML for province names (default: packaged)")
     p.add_argument("--seconds", type=float, default=None, help="stop after N seconds")
     p.set_defaults(run=cmd_console)

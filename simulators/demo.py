@@ -1,9 +1,16 @@
 """The main job and the integration-test commands: ``xsettle demo``, ``province``, ``simulate``.
 
-One engine, :class:`Simulation`, runs any set of provinces (their adapters and SQLite back
-offices) on a broker: it enrols synthetic persons at the homes, files them to the hosts the
-directory connects them to, then drives hospital visits at the hosts, with injected faults, and
-collects :class:`~simulators.invariants.Facts` for the report and the invariants.
+One engine, :class:`Simulation`, runs any set of provinces on a broker, each as a **gateway**
+in this process (:class:`adapters.gateway.service.Gateway`: its node, roles and review desk,
+and its HTTP API on a loopback port, signed in with :data:`adapters.gateway.testing.TEST_TOKENS`).
+The simulated people use the API where a real province's people would
+(:mod:`simulators.desks`): the homes' agency counters file persons (``POST /v1/filings``) and
+revoke filings, the hosts' hospital desks admit and discharge (``POST /v1/admissions``,
+``.../discharge``), the homes' reviewers decide delayed claims (``/v1/reviews``). Faults no
+person could cause through the API are injected into the Python objects behind it
+(``gateway.system``), each marked where it is done: a packaged claim whose total is not its
+items' sum, a record sent twice on the bus, undecodable garbage, a home that falls silent, and
+persons enrolled without a filing. The report's facts are read from the provinces' databases.
 """
 
 from __future__ import annotations
@@ -18,24 +25,34 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
+import httpx
 import structlog
 
 from adapters.backoffice import ClaimState, Person
 from adapters.directory import Agreement, Directory, province_of
-from adapters.host import AdmissionRefused
+from adapters.gateway.config import GatewayConfig, ReviewDeskConfig
+from adapters.gateway.service import Gateway
+from adapters.gateway.testing import gateway_config
 from adapters.province import ProvinceSystem
-from adapters.review_desk import ReviewDeskSettings
 from bus.broker import running_broker
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
-from bus.models import ClaimPackage, ErrorReport, FilingAction, now
+from bus.models import (
+    ClaimItem,
+    ClaimPackage,
+    ErrorReport,
+    FilingAction,
+    FilingUpload,
+    VisitType,
+)
 from bus.settings import BusSettings
 from bus.transport import Consumer
+from simulators.desks import GatewayDesks, Refused
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.reviewers import SimulatedReviewer
@@ -47,6 +64,11 @@ T = TypeVar("T")
 
 DAY = dt.datetime(2026, 5, 8, 8, 0, tzinfo=dt.UTC)
 """The simulated day; filings are valid before it."""
+FILINGS_IN_FLIGHT: Final = 24
+"""Filings the agency counters send at once, across provinces (each waits for the broker)."""
+HOSPITAL_CONNECTIONS: Final = 16
+"""Most connections of one gateway's hospital desks (over sockets): the visits in flight are
+spread over the hosts, and every request scans the pool's idle connections."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +87,19 @@ class Visit:
         return self.agreement.host
 
     @property
-    def claim_id(self) -> str:
-        return f"C-{self.agreement.host}-{self.index:06d}"
+    def key(self) -> str:
+        """The visit in its host's desk journal (:class:`DeskJournal`)."""
+        return f"visit-{self.index:06d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """What a visit's discharge bills: drawn from the seed before the patient is admitted."""
+
+    visit_type: VisitType
+    days: int
+    diagnoses: tuple[str, ...]
+    items: tuple[ClaimItem, ...]
 
 
 EXPECTED = {
@@ -84,8 +117,54 @@ class ProvinceFailed(RuntimeError):
     """A province's worker died of an unexpected error (its process must exit non-zero)."""
 
 
+class DeskJournal:
+    """A host hospital desk's own record of its visits (visit → admission id → claim id), as
+    the hospital's system keeps it: one JSON line per event in
+    ``hospital-desk-<province>.jsonl`` in the state folder, so a restarted simulation
+    discharges an admission it made instead of admitting again, and skips a visit it
+    discharged. (The gateway derives a discharge's claim id from the admission id, so the
+    simulation learns a visit's claim id only from the discharge.)"""
+
+    def __init__(self, folder: Path, province: str) -> None:
+        self.path = folder / f"hospital-desk-{province}.jsonl"
+        self.admissions: dict[str, str] = {}
+        self.claims: dict[str, str] = {}
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill: its visit is done again
+            if "claim_id" in entry:
+                self.claims[entry["visit"]] = entry["claim_id"]
+            else:
+                self.admissions[entry["visit"]] = entry["admission_id"]
+        self._file = self.path.open("a", encoding="utf-8")
+        if text and not text.endswith("\n"):
+            self._file.write("\n")  # end the line a kill cut short, so the next one is whole
+
+    def admitted(self, visit: str, admission_id: str) -> None:
+        """Note an admission."""
+        self.admissions[visit] = admission_id
+        self._write({"visit": visit, "admission_id": admission_id})
+
+    def discharged(self, visit: str, claim_id: str) -> None:
+        """Note a discharge's claim."""
+        self.claims[visit] = claim_id
+        self._write({"visit": visit, "claim_id": claim_id})
+
+    def _write(self, entry: dict[str, str]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()  # in the OS's hands: a killed process loses nothing written
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        self._file.close()
+
+
 class Simulation:
-    """Synthetic provinces on one broker, and the facts of what happened."""
+    """Synthetic provinces on one broker, each behind its gateway, and the facts of what
+    happened."""
 
     def __init__(
         self,
@@ -97,57 +176,69 @@ class Simulation:
         state_dir: Path,
         *,
         progress: bool = True,
+        http: Literal["sockets", "asgi"] = "sockets",
     ) -> None:
+        """``http``: how the simulated people reach the gateways: ``sockets`` (HTTP over
+        loopback, as anyone would) or ``asgi`` (into each gateway's app in this process:
+        the demo's default, several times cheaper a request)."""
+        self.http = http
         self.directory = directory
         self.scenario = scenario
         self.bootstrap = bootstrap
         self.settings = settings
         self.provinces = provinces
+        self.state_dir = state_dir
         self.rng = random.Random(scenario.seed)
         self.progress = progress
-        reviews = scenario.reviews
-        desk = (
-            ReviewDeskSettings(
-                auto_approve_clean=reviews.auto_approve_clean,
-                review_period_s=reviews.review_period_s,
-            )
-            if reviews.desk
-            else None
-        )
-        self.systems = {
-            p: ProvinceSystem(
-                p,
-                settings,
-                bootstrap=bootstrap,
-                directory=directory,
-                state_dir=state_dir,
-                instant_deadline_s=scenario.instant_deadline_s,
-                review_desk=desk,
-            )
-            for p in provinces
-        }
-        self.reviewers: dict[str, list[SimulatedReviewer]] = {
-            p: [
-                SimulatedReviewer(
-                    s.home.desk,
-                    pace_per_s=reviews.pace_per_s,
-                    adjust_share=reviews.adjust_share,
-                    reject_share=reviews.reject_share,
-                    rng=random.Random(f"{scenario.seed}-{p}-{n}"),
-                    name=f"{p}-reviewer-{n + 1}",
-                    seed=str(scenario.seed),
-                )
-                for n in range(reviews.reviewers_per_home)
-            ]
-            for p, s in self.systems.items()
-            if s.home.desk is not None
-        }
+        self.gateways = {p: Gateway(self.gateway_config(p), directory=directory) for p in provinces}
+        """The provinces' gateways (started by :meth:`start`)."""
+        self.desks: dict[str, GatewayDesks] = {}
+        """HTTP clients of each gateway, one per role (opened by :meth:`start`)."""
+        self.journals: dict[str, DeskJournal] = {}
+        self.reviewers: dict[str, list[SimulatedReviewer]] = {}
         self.max_backlog = 0
         self.expected: dict[str, str] = {}
         self.refusals: list[tuple[str, str]] = []
         self.dead_letters_expected = 0
         self._silent_back = asyncio.Event()
         self._silent_back.set()
+        self._filings = asyncio.Semaphore(FILINGS_IN_FLIGHT)
+
+    def gateway_config(self, province: str) -> GatewayConfig:
+        """A province's gateway: a free loopback port, the test tokens, the scenario's
+        review desk, the shared state folder (one database file per province)."""
+        reviews = self.scenario.reviews
+        cfg = gateway_config(province, self.bootstrap, self.state_dir, settings=self.settings)
+        desk = ReviewDeskConfig(
+            enabled=reviews.desk,
+            auto_approve_clean=reviews.auto_approve_clean,
+            review_period_s=reviews.review_period_s,
+        )
+        return cfg.model_copy(
+            update={"review_desk": desk, "instant_deadline_s": self.scenario.instant_deadline_s}
+        )
+
+    def open_desks(self, gateway: Gateway) -> GatewayDesks:
+        """The clients of a started gateway: over loopback sockets, or (``http="asgi"``)
+        straight into its app (the same routes, auth and validation, without sockets)."""
+        team = self.scenario.reviews.reviewers_per_home
+        if self.http == "asgi":
+            # The app the gateway serves (a second create_app would start a second console).
+            transport: httpx.AsyncBaseTransport | None = httpx.ASGITransport(app=gateway.app)
+        else:
+            transport = None
+        connections = {
+            "agency": FILINGS_IN_FLIGHT,
+            "hospital": min(self.scenario.concurrency, HOSPITAL_CONNECTIONS),
+            "reviewer": team,
+        }
+        return GatewayDesks(gateway.url, connections, transport=transport)
+
+    @property
+    def systems(self) -> dict[str, ProvinceSystem]:
+        """The started provinces behind the gateways (what the report reads, and where the
+        faults no API could cause are injected)."""
+        return {p: g.system for p, g in self.gateways.items() if g.ctx is not None}
 
     # --- lifecycle ------------------------------------------------------------------------
     async def guarded(self, coro: Awaitable[T]) -> T:
@@ -170,21 +261,57 @@ class Simulation:
         raise ProvinceFailed(f"province {dead.province} stopped: {dead.node.failure!r}")
 
     async def start(self) -> None:
-        """Start every province's node, wait for its inbox assignment, start the reviewers."""
-        await asyncio.gather(*(s.start() for s in self.systems.values()))
+        """Start every gateway, wait for its inbox assignment, open its desks' clients and
+        start the reviewers. A gateway that cannot start stops those that did, and raises."""
+        started = await asyncio.gather(
+            *(g.start() for g in self.gateways.values()), return_exceptions=True
+        )
+        failed = next((r for r in started if isinstance(r, BaseException)), None)
+        if failed is not None:
+            await self.stop()
+            raise failed
+        reviews = self.scenario.reviews
+        team = reviews.reviewers_per_home
+        for p, gateway in self.gateways.items():
+            self.desks[p] = self.open_desks(gateway)
+            self.journals[p] = DeskJournal(self.state_dir, p)
         await asyncio.gather(*(s.node.wait_ready(60) for s in self.systems.values()))
-        for team in self.reviewers.values():
-            for reviewer in team:
+        if reviews.desk:
+            self.reviewers = {
+                p: [
+                    SimulatedReviewer(
+                        self.desks[p].reviewer,
+                        pace_per_s=reviews.pace_per_s,
+                        adjust_share=reviews.adjust_share,
+                        reject_share=reviews.reject_share,
+                        rng=random.Random(f"{self.scenario.seed}-{p}-{n}"),
+                        name=f"{p}-reviewer-{n + 1}",
+                        seed=str(self.scenario.seed),
+                        seat=n,
+                        seats=team,
+                    )
+                    for n in range(team)
+                ]
+                for p in self.provinces
+            }
+        for reviewers in self.reviewers.values():
+            for reviewer in reviewers:
                 reviewer.start()
 
     async def stop(self) -> None:
-        """Stop the reviewers and every province. Idempotent."""
+        """Stop the reviewers, close the clients, stop (drain) every gateway. Idempotent."""
         for team in self.reviewers.values():
             for reviewer in team:
                 await reviewer.stop()
-        await asyncio.gather(*(s.stop() for s in self.systems.values()))
-        for s in self.systems.values():
-            s.close()
+        for desks in self.desks.values():
+            await desks.aclose()
+        for journal in self.journals.values():
+            journal.close()
+        await asyncio.gather(*(g.stop() for g in self.gateways.values()))
+
+    def urls(self) -> Mapping[str, str]:
+        """Each started gateway's base URL."""
+        return {p: g.url for p, g in self.gateways.items() if g.ctx is not None}
 
     # --- population -----------------------------------------------------------------------
     def agreements(self) -> list[Agreement]:
@@ -192,33 +319,38 @@ class Simulation:
         return [
             a
             for a in self.directory.agreements()
-            if province_of(a.home) in self.systems and a.host in self.systems
+            if province_of(a.home) in self.gateways and a.host in self.gateways
         ]
 
+    async def file(self, person: Person, filing: FilingUpload) -> bool:
+        """File ``person`` at their home's agency counter (``POST /v1/filings``); False when
+        the counter had that filing already (a restart: nothing is sent again)."""
+        async with self._filings:
+            state = await self.desks[province_of(person.home_region)].agency.file(person, filing)
+        return state.sent
+
     async def populate(self, per_agreement: int) -> dict[Agreement, list[Person]]:
-        """Enrol and file ``per_agreement`` persons for every agreement; wait for receipts."""
+        """Enrol and file ``per_agreement`` persons for every agreement at the homes' agency
+        counters; wait for the hosts to register them."""
         filed: dict[Agreement, list[Person]] = {}
         sequence = 0
         uploads = []
         for a in self.agreements():
-            home = self.systems[province_of(a.home)]
             people = []
             for _ in range(per_agreement):
                 sequence += 1
                 person = make_person(self.rng, a.home, sequence)
                 filing = make_filing(self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3))
                 people.append(person)
-                if home.backoffice.filings_of(person.person_id):
-                    continue  # filed before a restart: resume, don't replay
-                home.backoffice.add_person(person)
-                uploads.append((home, filing))
+                uploads.append((person, filing))
             filed[a] = people
-        await asyncio.gather(*(home.home.file(f) for home, f in uploads))
-        await self._wait_registered([(self.systems[f.host_region[:2] + "0000"], f.person_id)
+        await asyncio.gather(*(self.file(person, f) for person, f in uploads))
+        await self._wait_registered([(self.systems[province_of(f.host_region)], f.person_id)
                                      for _, f in uploads])  # fmt: skip
         return filed
 
     async def _wait_registered(self, pairs: list[tuple[ProvinceSystem, str]]) -> None:
+        # Watched in the hosts' databases: the simulation waits for the bus, no desk would.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if all(host.backoffice.filing_for(pid) is not None for host, pid in pairs):
@@ -280,26 +412,24 @@ class Simulation:
         return visits
 
     async def prepare_faults(self, visits: list[Visit]) -> None:
-        """Enrol the unfiled persons; file then revoke the revoked ones."""
+        """Enrol the unfiled persons; file then revoke the revoked ones at the agency
+        counters, and wait until the hosts have the revocations."""
         revokes = []
         for v in visits:
-            if v.fault not in ("unfiled", "revoked"):
-                continue
-            home = self.systems[province_of(v.agreement.home)]
-            home.backoffice.add_person(v.person)
-            if v.fault == "revoked":
+            if v.fault == "unfiled":
+                # Injected: the agency API enrols a person only with a filing.
+                self.systems[province_of(v.agreement.home)].backoffice.add_person(v.person)
+            elif v.fault == "revoked":
                 filing = make_filing(
                     self.rng, v.person, v.host, filed_at=DAY - dt.timedelta(days=30)
                 )
-                revokes.append((home, filing))
-        await asyncio.gather(*(home.home.file(f) for home, f in revokes))
-        for home, f in revokes:
-            await home.home.file(
-                f.model_copy(update={"action": FilingAction.REVOKE, "filed_at": now()})
-            )
+                revokes.append((v.person, filing))
+        await asyncio.gather(*(self.file(person, f) for person, f in revokes))
+        for person, f in revokes:
+            await self.desks[province_of(person.home_region)].agency.revoke(f.filing_id)
         deadline = time.monotonic() + 60
         for _, f in revokes:
-            host = self.systems[f.host_region[:2] + "0000"]
+            host = self.systems[province_of(f.host_region)]
             while time.monotonic() < deadline:
                 got = host.backoffice.filing_for(f.person_id)
                 if got is not None and got.action is FilingAction.REVOKE:
@@ -307,46 +437,111 @@ class Simulation:
                 await asyncio.sleep(0.05)
 
     # --- visits ---------------------------------------------------------------------------
+    def bill(self, v: Visit) -> Bill:
+        """The visit's bill, from the seed and the visit's index."""
+        visit_type, days, diagnoses = make_visit(random.Random(self.scenario.seed + v.index))
+        items = make_bill(
+            random.Random(self.scenario.seed * 7 + v.index),
+            self.directory.catalogue(v.host),
+            visit_type,
+            days,
+        )
+        return Bill(visit_type, days, diagnoses, items)
+
     async def visit(self, v: Visit, slots: asyncio.Semaphore) -> None:
-        """Admit, bill, package and submit one visit (or record its refusal)."""
+        """Admit, bill and discharge one visit at its host's hospital desk (or record its
+        refusal)."""
         async with slots:
             if v.host == self.scenario.faults.silent_home:
                 await self._silent_back.wait()
-            host = self.systems[v.host]
-            if host.backoffice.claim(v.claim_id) is not None:
-                return  # submitted before a restart: resume, don't replay
             admitted = DAY + dt.timedelta(minutes=v.index)
-            try:
-                admission = await host.host.admit(
-                    v.person.person_id, v.agreement.home, v.hospital, admitted
-                )
-            except AdmissionRefused as refused:
-                self.refusals.append((EXPECTED.get(v.fault or "", "SETTLED"), refused.code.value))
-                return
-            visit_type, days, diagnoses = make_visit(random.Random(self.scenario.seed + v.index))
-            items = make_bill(
-                random.Random(self.scenario.seed * 7 + v.index),
-                self.directory.catalogue(v.host),
-                visit_type,
-                days,
-            )
-            claim = host.host.package(
-                admission,
-                items,
-                visit_type=visit_type,
-                diagnoses=diagnoses,
-                discharged_at=admitted + dt.timedelta(days=days),
-                claim_id=v.claim_id,
-            )
-            if v.fault == "bad_amount":
-                claim = claim.model_copy(update={"total_fen": claim.total_fen + 100})
-            self.expected[claim.claim_id] = EXPECTED.get(v.fault or "", "SETTLED")
-            request_id = await host.host.submit(claim)
-            if v.fault == "duplicate_resend":
-                await host.node.resend(request_id)
+            outcome = await self.treat(
+                v.host, v.key, v.person.person_id, v.agreement.home, v.hospital, admitted,
+                self.bill(v), fault=v.fault,
+            )  # fmt: skip
+            if isinstance(outcome, Refused):
+                self.refusals.append((EXPECTED.get(v.fault or "", "SETTLED"), outcome.code))
+            elif outcome is not None and v.fault in EXPECTED:
+                self.expected[outcome] = EXPECTED[v.fault]
+
+    async def treat(
+        self,
+        host: str,
+        key: str,
+        person_id: str,
+        home_region: str,
+        hospital: str,
+        admitted: dt.datetime,
+        bill: Bill,
+        *,
+        fault: str | None = None,
+    ) -> str | Refused | None:
+        """One patient at a host's hospital desk: admit (``POST /v1/admissions``), then
+        discharge with the bill (``POST /v1/admissions/{id}/discharge``). Returns the claim id,
+        the refusal, or None for a visit the desk's journal shows discharged before a restart
+        (an admission made before it is discharged now, not made again)."""
+        journal = self.journals[host]
+        if key in journal.claims:
+            return None
+        desk = self.desks[host].hospital
+        admission_id = journal.admissions.get(key)
+        if admission_id is None:
+            outcome = await desk.admit(person_id, home_region, hospital, admitted)
+            if isinstance(outcome, Refused):
+                return outcome
+            admission_id = outcome.admission_id
+            journal.admitted(key, admission_id)
+        discharged = admitted + dt.timedelta(days=bill.days)
+        if fault == "bad_amount":
+            claim_id = await self._tampered_claim(host, admission_id, bill, discharged)
+        else:
+            sent = await desk.discharge(
+                admission_id, visit_type=bill.visit_type, diagnoses=bill.diagnoses,
+                items=bill.items, at=discharged,
+            )  # fmt: skip
+            claim_id = sent.claim_id
+        journal.discharged(key, claim_id)
+        if fault == "duplicate_resend":
+            again = await desk.discharge(
+                admission_id, visit_type=bill.visit_type, diagnoses=bill.diagnoses,
+                items=bill.items, at=discharged,
+            )  # fmt: skip  # the desk's retry: the same claim back, nothing sent
+            if again.claim_id != claim_id or not again.repeated:
+                raise RuntimeError(f"a second discharge of {admission_id} made another claim")
+            # Injected: the claim's record sent twice on the bus (same id, attempt 2), as a
+            # producer retry would; no desk can make the node re-send a record.
+            system = self.systems[host]
+            stored = system.backoffice.claim(claim_id)
+            assert stored is not None
+            assert stored.request_id is not None
+            await system.node.resend(stored.request_id)
+        return claim_id
+
+    async def _tampered_claim(
+        self, host: str, admission_id: str, bill: Bill, discharged: dt.datetime
+    ) -> str:
+        """Injected: a claim whose total is not its items' sum (AMOUNT_MISMATCH at home).
+        The API prices every line and sums them itself, so no desk can send one: the claim is
+        packaged by the host role for the gateway's admission, tampered with and submitted."""
+        gateway = self.gateways[host]
+        assert gateway.ctx is not None
+        stored = gateway.ctx.admissions.get(admission_id)
+        assert stored is not None
+        role = gateway.system.host
+        claim = role.package(
+            stored.admission,
+            bill.items,
+            visit_type=bill.visit_type,
+            diagnoses=bill.diagnoses,
+            discharged_at=discharged,
+            claim_id=stored.claim_id,
+        )
+        await role.submit(claim.model_copy(update={"total_fen": claim.total_fen + 100}))
+        return claim.claim_id
 
     async def inject_undecodable(self, visits: list[Visit]) -> None:
-        """Garbage on homes' claim topics, sent with a host's honest headers."""
+        """Injected: garbage on homes' claim topics, sent with a host's honest headers (no
+        API sends a record the gateway did not encode)."""
         senders = [v for v in visits if v.host != self.scenario.faults.silent_home]
         for i in range(self.dead_letters_expected):
             v = senders[i % len(senders)]
@@ -366,7 +561,9 @@ class Simulation:
             await node.send_raw(topic("claim", home), key, value, signed)
 
     async def silence(self) -> None:
-        """Stop the silent home for a while (instant claims to it fall back), then restart."""
+        """Injected: stop the silent home's node for a while (instant claims to it fall back),
+        then restart it; its gateway keeps serving HTTP meanwhile, but its hospital desks
+        wait and its reviewers leave."""
         province = self.scenario.faults.silent_home
         if province is None or province not in self.systems:
             return
@@ -396,7 +593,8 @@ class Simulation:
         return waiting
 
     async def run(self, per_agreement: int | None = None) -> Facts:
-        """The whole day: population, faults, visits, wait for every claim, facts."""
+        """The whole day: population, faults, visits, wait for every claim, facts. The wait
+        gives up when no visit ended and no claim closed for ``settle_timeout_s``."""
         began = time.monotonic()
         n = per_agreement or max(4, self.scenario.claims // max(1, len(self.agreements())) // 3)
         filed = await self.populate(n)
@@ -408,19 +606,29 @@ class Simulation:
         tasks = [asyncio.create_task(self.visit(v, slots)) for v in visits]
         await self.inject_undecodable(visits)
         total = len(visits)
-        deadline = time.monotonic() + self.scenario.settle_timeout_s
+        settle = self.scenario.settle_timeout_s
+        last_change, seen = time.monotonic(), (-1, -1)
         while True:
             finished = sum(t.done() for t in tasks)
-            done = finished - self.open_claims() if finished == total else finished
+            open_claims = self.open_claims()
+            done = finished - open_claims if finished == total else finished
             self._progress(max(0, done), total)
             self.backlog()
-            if finished == total and self.open_claims() == 0 and silencer.done():
+            if finished == total and open_claims == 0 and silencer.done():
                 break
-            if time.monotonic() > deadline:
-                break
+            if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+                break  # a visit failed: raised below
+            if (finished, open_claims) != seen:
+                last_change, seen = time.monotonic(), (finished, open_claims)
+            elif time.monotonic() - last_change > settle:
+                break  # no visit ended and no claim closed for that long: stuck
             await asyncio.sleep(0.25)
         for t in tasks:
-            if t.done() and t.exception() is not None:
+            if not t.done():
+                t.cancel()  # stuck: the report shows what stayed open
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
         await silencer
         await asyncio.sleep(0.5)  # let settlement notices and reports arrive
@@ -563,8 +771,11 @@ async def run_demo(
     progress: bool = True,
     console_port: int | None = None,
     hold_s: float = 0.0,
+    http: Literal["sockets", "asgi"] = "asgi",
 ) -> dict[str, Any]:
     """Run the demo and return its report (checked invariants included).
+
+    ``http``: how the simulated people reach the gateways (:class:`Simulation`).
 
     With ``console_port`` the ops console (errors, dead letters, pending, statistics,
     ``/metrics``) is served while it runs, and ``hold_s`` keeps it up after the report.
@@ -575,7 +786,7 @@ async def run_demo(
         with tempfile.TemporaryDirectory(prefix="xsettle-demo-") as state:
             sim = Simulation(
                 directory, scenario, effective, bootstrap, provinces, Path(state),
-                progress=progress,
+                progress=progress, http=http,
             )  # fmt: skip
             await sim.start()
             console = None
@@ -597,22 +808,33 @@ async def run_demo(
 
 
 async def start_console(sim: Simulation, settings: BusSettings, bootstrap: str, port: int) -> Any:
+    """Serve the ops console of every province of ``sim`` (the gateway's ops router, page and
+    ``/metrics`` on uvicorn) on ``port``; returns the server (``.url``, ``await .stop()``).
+    It signs in with the fixed demo token of the ops role (``TEST_TOKENS``), printed here."""
+    from adapters.gateway.api_ops import ConsoleServer, create_ops_app
+    from adapters.gateway.panels import overdue_claims_panel, settlement_stats_panel
+    from adapters.gateway.testing import TEST_TOKENS, fixed_token_config
     from bus.console import Console
 
-    def stats() -> list[dict[str, object]]:
-        return [row for p, s in sim.systems.items() for row in s.backoffice.settlement_stats(p)]
-
-    console = Console(
-        settings, bootstrap, nodes=[s.node for s in sim.systems.values()], stats=stats, port=port
+    offices = {p: s.backoffice for p, s in sim.systems.items()}
+    console = Console(settings, bootstrap, nodes=[s.node for s in sim.systems.values()])
+    app = create_ops_app(
+        console,
+        sim.directory,
+        tokens=fixed_token_config(),
+        panels=[
+            overdue_claims_panel(offices, sim.directory),
+            settlement_stats_panel(offices, sim.directory),
+        ],
     )
-    await console.start()
+    server = await ConsoleServer(app, console, "127.0.0.1", port).start()
     print(
-        f"ops console: {console.url}  (metrics: {console.url}metrics; "
-        f"CLI: xsettle ops errors --bootstrap {bootstrap})",
+        f"ops console: {server.url}  (ops token: {TEST_TOKENS['ops']}; metrics: "
+        f"{server.base_url}/metrics; CLI: xsettle ops errors --bootstrap {bootstrap})",
         file=sys.stderr,
         flush=True,
     )
-    return console
+    return server
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -623,7 +845,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "
-            f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}",
+            f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}, "
+            f"desks on the gateways' HTTP API ({args.http})",
             file=sys.stderr,
         )
     try:
@@ -633,6 +856,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             console_port=args.console,
             hold_s=args.hold,
+            http=args.http,
         )
     except ProvinceFailed as exc:
         print(f"xsettle demo: {exc}", file=sys.stderr)
@@ -661,6 +885,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--hold", type=float, default=0.0, metavar="SECONDS",
         help="with --console: keep serving this long after the report",
+    )  # fmt: skip
+    p.add_argument(
+        "--http", choices=("asgi", "sockets"), default="asgi",
+        help="how the simulated desks reach the gateways: into each gateway's app in this "
+        "process (asgi, default) or over loopback sockets",
     )  # fmt: skip
     add_bootstrap(p)
     p.set_defaults(run=cmd_demo)

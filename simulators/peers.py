@@ -1,10 +1,12 @@
 """Meeting a province under test: ``xsettle province <code>`` and ``xsettle simulate --except``.
 
-``province`` runs one province's adapters with its simulated back office against a broker it
-did not start: as home it files its simulated persons to the hosts the directory connects it
-to; as host it admits persons filed to it by any home (simulated or not) and submits claims.
-``simulate --except`` runs every other province the same way. Run both on one broker and a
-full filing → claim → review → settlement cycle happens in both directions.
+``province`` runs one province's gateway (its adapters, simulated back office and HTTP API)
+against a broker it did not start: as home its agency counter files its simulated persons to
+the hosts the directory connects it to; as host its hospital desks admit persons filed to it by
+any home (simulated or not) and discharge them. ``simulate --except`` runs every other province
+the same way. Run both on one broker and a full filing → claim → review → settlement cycle
+happens in both directions. Each gateway's URL is printed: it takes the test tokens
+(:data:`adapters.gateway.testing.TEST_TOKENS`), so a person can query it while it runs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ from pathlib import Path
 import structlog
 
 from adapters.directory import Directory, province_of
-from adapters.host import AdmissionRefused
+from adapters.gateway.testing import TEST_TOKENS
 from bus.broker import create_contract_topics
 from bus.models import FilingAction
 from bus.transport import wait_for_metadata
-from simulators.demo import DAY, ProvinceFailed, Simulation, start_console, write_report
+from simulators.demo import (
+    DAY,
+    Bill,
+    ProvinceFailed,
+    Simulation,
+    start_console,
+    write_report,
+)
+from simulators.desks import Refused
 from simulators.invariants import build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -34,24 +44,24 @@ from simulators.scenario import Faults, Scenario
 log = structlog.get_logger(__name__)
 
 
-def foreign_claim_id(host: str, person_id: str) -> str:
-    """The claim id of a foreign-filed person's visit: stable across restarts (one visit per
-    person), and no digit of the ID number in it."""
-    return f"C-{host}-X{hashlib.sha256(person_id.encode()).hexdigest()[:12].upper()}"
+def foreign_visit(person_id: str) -> str:
+    """The visit of a foreign-filed person in the host desk's journal: stable across
+    restarts (one visit per person), and no digit of the ID number in it."""
+    return f"foreign-{hashlib.sha256(person_id.encode()).hexdigest()[:12]}"
 
 
 class Peer(Simulation):
     """A simulation that also serves persons filed by provinces it does not run."""
 
     async def file_own(self, per_agreement: int) -> int:
-        """As home: file simulated persons to every host we have an agreement with,
-        including hosts we do not run. Returns how many filings were sent."""
-        sent = 0
+        """As home: file simulated persons at the agency counter to every host we have an
+        agreement with, including hosts we do not run. Returns how many filings were sent
+        (a filing sent before a restart is not sent again)."""
+        uploads = []
         sequence = 0
         for p in self.provinces:
-            system = self.systems[p]
             for a in self.directory.agreements_as_home(p):
-                if a.host in self.systems:
+                if a.host in self.gateways:
                     continue  # served by our own simulation
                 for _ in range(per_agreement):
                     sequence += 1
@@ -59,15 +69,13 @@ class Peer(Simulation):
                     filing = make_filing(
                         self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3)
                     )
-                    if system.backoffice.filings_of(person.person_id):
-                        continue  # filed before a restart: resume, don't replay
-                    system.backoffice.add_person(person)
-                    await system.home.file(filing)
-                    sent += 1
-        return sent
+                    uploads.append((person, filing))
+        sent = await asyncio.gather(*(self.file(person, f) for person, f in uploads))
+        return sum(sent)
 
     async def serve_foreign(self, visits: int, wait_s: float) -> int:
-        """As host: admit persons that provinces we do not run filed to us; submit claims."""
+        """As host: admit persons that provinces we do not run filed to us, discharge them at
+        the hospital desks. Returns how many claims were sent."""
         deadline = time.monotonic() + wait_s
         seen: list[tuple[str, str, str]] = []
         while time.monotonic() < deadline:
@@ -75,46 +83,41 @@ class Peer(Simulation):
             if len(seen) >= visits:
                 break
             await asyncio.sleep(0.5)
-        submitted = 0
         served = {
-            c.claim.person_id
+            key
             for p in self.provinces
-            for c in self.systems[p].backoffice.claims()
-            if c.claim.claim_id.startswith(f"C-{p}-X")
+            for key in self.journals[p].claims
+            if key.startswith("foreign-")
         }
-        todo = [f for f in seen if f[1] not in served][: max(0, visits - len(served))]
+        todo = [f for f in seen if foreign_visit(f[1]) not in served]
+        todo = todo[: max(0, visits - len(served))]
+        submitted = 0
         for i, (host, person_id, home_region) in enumerate(todo):
-            system = self.systems[host]
             allowed = self.directory.allowed_hospitals(home_region, host)
             if not allowed:
                 continue
             rng = random.Random(f"{self.scenario.seed}-{person_id}")
             hospital = rng.choice(allowed).code
             admitted = DAY + dt.timedelta(hours=1, minutes=i)
-            try:
-                admission = await system.host.admit(person_id, home_region, hospital, admitted)
-            except AdmissionRefused as refused:
-                log.warning("foreign_admission_refused", code=refused.code.value)
-                continue
             visit_type, days, diagnoses = make_visit(rng)
             items = make_bill(rng, self.directory.catalogue(host), visit_type, days)
-            claim = system.host.package(
-                admission,
-                items,
-                visit_type=visit_type,
-                diagnoses=diagnoses,
-                discharged_at=admitted + dt.timedelta(days=days),
-                claim_id=foreign_claim_id(host, person_id),
-            )
-            await system.host.submit(claim)
-            submitted += 1
+            outcome = await self.treat(
+                host, foreign_visit(person_id), person_id, home_region, hospital, admitted,
+                Bill(visit_type, days, diagnoses, items),
+            )  # fmt: skip
+            if isinstance(outcome, Refused):
+                log.warning("foreign_admission_refused", code=outcome.code)
+            elif outcome is not None:
+                submitted += 1
         return submitted
 
     def _foreign_filings(self) -> list[tuple[str, str, str]]:
+        """Who walks in: persons foreign homes filed to our hosts (read in the hosts'
+        databases: the simulation picks its patients, no desk lists the filed)."""
         out = []
         for p in self.provinces:
             for filing in self.systems[p].backoffice.host_filings():
-                foreign = province_of(filing.home_region) not in self.systems
+                foreign = province_of(filing.home_region) not in self.gateways
                 if foreign and filing.action is not FilingAction.REVOKE:
                     out.append((p, filing.person_id, filing.home_region))
         return out
@@ -155,6 +158,15 @@ async def run_peer(
         f"listening: {', '.join(n.node.inbox[0].rsplit('.', 1)[1] for n in peer.systems.values())}"
         f" on {settings.bootstrap}; state in {state}"
         + (f" (resuming {', '.join(resumed)})" if resumed else ""),
+        flush=True,
+    )
+    for province, url in peer.urls().items():
+        print(f"gateway {province} {directory.province_name(province)}: {url}", flush=True)
+    tokens = ", ".join(f"{role} {token}" for role, token in TEST_TOKENS.items())
+    print(f"gateways take the public test tokens (TEST_TOKENS): {tokens}", flush=True)
+    first = next(iter(peer.urls().values()))
+    print(
+        f"  e.g. curl -H 'Authorization: Bearer {TEST_TOKENS['reviewer']}' {first}/v1/reviews",
         flush=True,
     )
     console = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,22 +69,33 @@ class TestPopulation:
 
 class TestDemo:
     async def test_small_demo_passes_its_invariants(self) -> None:
-        """A 120-visit day with every fault and a silent home passes its invariants."""
+        """A 120-visit day with every fault and a silent home, its desks on the gateways'
+        HTTP API over loopback sockets, passes its invariants; the reviewers decided every
+        held claim over HTTP."""
         scenario = Scenario(claims=120, seed=11, faults=Faults(silence_s=2.0, undecodable=0.02))
-        report = await run_demo(scenario, BusSettings(), progress=False)
+        report = await run_demo(scenario, BusSettings(), progress=False, http="sockets")
         failed = [c for c in report["invariants"] if not c["ok"]]
         assert not failed, failed
         assert report["dead_letters"] == 2
         codes = {row["code"] for row in report["errors_by_code_and_responsible"]}
         assert {"NOT_FILED", "HOSPITAL_NOT_DESIGNATED", "INVALID_MESSAGE"} <= codes
+        reviews = report["reviews"]
+        decided = sum(reviews["decisions"].get(k, 0) for k in ("approve", "adjust", "reject"))
+        assert decided == reviews["acknowledged"] > 0
+        assert reviews["decisions"].get("failed", 0) == 0
 
     @pytest.mark.timeout(150)  # two demos; once under CI load a filing stalled ~60 s (see note)
     async def test_same_seed_same_claims_and_money(self) -> None:
-        """Two runs with one seed produce the same claims and money totals."""
+        """Two runs with one seed produce the same claims and money totals, though the
+        gateways draw new admission (and so claim) ids each run."""
         scenario = Scenario(claims=40, seed=5, faults=Faults(silent_home=None))
         first, second = [await run_demo(scenario, BusSettings(), progress=False) for _ in "ab"]
         for key in ("claims_by_mode", "money_fen", "admissions_refused"):
             assert first[key] == second[key], key
+        kinds = ("approve", "adjust", "reject")  # not "closed": which reviewer comes first
+        assert [first["reviews"]["decisions"].get(k) for k in kinds] == [
+            second["reviews"]["decisions"].get(k) for k in kinds
+        ]
 
 
 class TestPeers:
@@ -107,6 +119,9 @@ class TestPeers:
             out_p, _ = await prov.communicate()
             out_s, _ = await sim.communicate()
         assert prov.returncode == 0, out_p.decode()[-2000:]
+        gateway = re.search(r"gateway 460000 \S+: (http://127\.0\.0\.1:\d+)", out_p.decode())
+        assert gateway, out_p.decode()[:2000]  # printed for a person to query while it runs
+        assert "xsettle-test-token-hospital" in out_p.decode()
         assert sim.returncode == 0, out_s.decode()[-2000:]
         as_host = json.loads((tmp_path / "p.json").read_text())
         as_home_peer = json.loads((tmp_path / "s.json").read_text())

@@ -15,11 +15,12 @@ import pytest
 
 from bus.broker import create_contract_topics
 from bus.codec import Codec, SchemaStore
-from bus.console import stats_rows
+from bus.console import Console, by_counterparty
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
 from bus.errors import Rejection
 from bus.exporter import start_exporter
+from bus.metrics import Metrics
 from bus.models import ClaimPackage, ErrorCode, Message, yuan
 from bus.node import Context, Node
 from bus.ops import (
@@ -362,15 +363,114 @@ class TestPending:
 
 class TestConsoleHelpers:
     def test_money_in_yuan(self) -> None:
-        """Fen become yuan with two decimals and thousands separators."""
+        """Fen become yuan with two decimals and thousands separators (for the adapters'
+        panels: the console itself holds no money)."""
         assert yuan(123456789) == "1,234,567.89"
         assert yuan(-5) == "-0.05"
-        rows = stats_rows(
-            [{"home": "130000", "host": "460000", "month": "2026-05", "settlements": 2,
-              "total_fen": 25000, "fund_fen": 17550}]
+
+    def test_pending_and_owed_by_counterparty_oldest_first(
+        self, settings: BusSettings, tmp_path: Path
+    ) -> None:
+        """The console lists what we wait for by the province that owes the answer and what
+        we owe by the province that asked, overdue groups first, oldest request first."""
+        store = SqliteStore(tmp_path / "province-130000.sqlite3")
+        now = now_ms()
+        for mid, target, sent, deadline in (
+            ("to-hainan-new", "460000", now - 5_000, now + 3_600_000),
+            ("to-hainan-old", "460000", now - 600_000, now - 1_000),
+            ("to-yunnan", "530000", now - 900_000, now + 3_600_000),
+        ):
+            env = claim_envelope("130000", target, mid)
+            store.add_pending(
+                PendingRequest(
+                    message_id=mid,
+                    message_type=ClaimPackage.avro_name,
+                    target=target,
+                    record=OutRecord("t", samples.PERSON.encode(), b"v", env.to_headers()),
+                    attempt=1,
+                    sent_at_ms=sent,
+                    deadline_ms=deadline,
+                    state=PENDING,
+                )
+            )
+        store.add_obligation(
+            Obligation("owed-1", ClaimPackage.avro_name, "440000", samples.PERSON.encode(),
+                       now - 1_000, now - 7_200_000, OPEN)
         )  # fmt: skip
-        assert rows[0]["total_yuan"] == "250.00"
-        assert rows[0]["fund_yuan"] == "175.50"
+        console = Console(settings, "127.0.0.1:1", stores={"130000": store})
+        try:
+            data = console.pending_json(now)
+            overview = console.overview_json()
+        finally:
+            store.close()
+        awaited = data["awaited"]
+        assert [g["counterparty"] for g in awaited] == ["460000", "530000"]  # overdue first
+        assert [r["message_id"] for r in awaited[0]["requests"]] == [
+            "to-hainan-old",
+            "to-hainan-new",
+        ]
+        assert awaited[0]["overdue"] == 1
+        assert awaited[0]["oldest_age_s"] == pytest.approx(600, abs=1)
+        assert awaited[0]["requests"][0]["province"] == "130000"
+        owed = data["owed"]
+        assert [(g["counterparty"], g["overdue"]) for g in owed] == [("440000", 1)]
+        assert owed[0]["requests"][0]["age_s"] == pytest.approx(7200, abs=1)
+        assert samples.PERSON not in json.dumps(data)
+        assert overview["counts"]["awaited_overdue"] == 1
+        assert overview["counts"]["owed_overdue"] == 1
+        # Not started: the counts it would read are unknown, and that is an alarm.
+        assert overview["counts"]["errors"] is None
+        assert overview["alarms"][0]["text"] == "the console's readers are not running"
+        assert by_counterparty([], owed=False) == []
+
+    async def test_unreachable_broker_is_an_alarm_not_zero(self, settings: BusSettings) -> None:
+        """A console pointed at a closed port says the broker is unreachable (an alarm) and
+        gives no counts, rather than 0 reports; its readers say they cannot read."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = f"127.0.0.1:{s.getsockname()[1]}"
+        console = Console(settings, closed)
+        await console.start()
+        try:
+            await eventually(lambda: console.broker.reachable is False, timeout_s=10)
+            overview = console.overview_json()
+            errors = console.errors_json()
+            dlq = console.dlq_json()
+        finally:
+            await console.stop()
+        assert overview["ok"] is False
+        kinds = [a["kind"] for a in overview["alarms"]]
+        assert kinds[0] == "broker"
+        assert closed in overview["alarms"][0]["text"]
+        assert overview["counts"]["errors"] is None
+        assert overview["counts"]["dead_letters"] is None
+        assert errors["total"] is None
+        assert errors["known"] is False
+        assert dlq["count"] is None
+
+    def test_dead_worker_and_stalled_partition_are_alarms(self, settings: BusSettings) -> None:
+        """A node whose worker died, or with a partition stalled, is an alarm naming it."""
+
+        class Sick:
+            province = "460000"
+            metrics = Metrics()
+
+            def health(self) -> dict[str, object]:
+                return {
+                    "province": self.province,
+                    "ok": False,
+                    "running": True,
+                    "failure": "RuntimeError('boom')",
+                    "stalled": ["xsettle.claim.460000:2"],
+                }
+
+        console = Console(settings, "127.0.0.1:1", nodes=[Sick()])
+        alarms = {a.kind: a for a in console.alarms()}
+        assert "boom" in alarms["worker"].text
+        assert alarms["worker"].province == "460000"
+        assert "xsettle.claim.460000:2" in alarms["stalled"].text
 
 
 class TestCli:

@@ -20,12 +20,12 @@ Person ids travel in request bodies, never in URLs, so no access log or proxy ke
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.gateway import problems
 from adapters.gateway.config import GatewayConfig
@@ -68,7 +68,7 @@ class GatewayContext:
         return self.system.province
 
 
-def context(request: Request) -> GatewayContext:
+async def context(request: Request) -> GatewayContext:
     """Dependency: the gateway the request reached."""
     ctx: GatewayContext = request.app.state.ctx
     return ctx
@@ -76,7 +76,14 @@ def context(request: Request) -> GatewayContext:
 
 def create_app(ctx: GatewayContext) -> FastAPI:
     """The web app of one province gateway."""
-    from adapters.gateway import api_hospital
+    from adapters.gateway import (
+        api_agency,
+        api_health,
+        api_hospital,
+        api_ops,
+        api_public,
+        api_review,
+    )
 
     name = ctx.directory.province_name(ctx.province)
     app = FastAPI(
@@ -93,41 +100,43 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     app.state.ctx = ctx
     app.state.tokens = ctx.config.tokens
     problems.install(app)
-    app.middleware("http")(_log_requests)
-    app.include_router(api_hospital.router)
-    for module_name in ("api_agency", "api_review", "api_public", "api_ops", "api_health"):
-        module = _optional(module_name)
-        if module is not None:
-            app.include_router(module.router)
-            setup = getattr(module, "setup", None)
-            if callable(setup):
-                setup(app, ctx)
+    app.add_middleware(RequestLog)
+    for module in (api_agency, api_hospital, api_review, api_public, api_ops, api_health):
+        app.include_router(module.router)
+        setup = getattr(module, "setup", None)
+        if callable(setup):
+            setup(app, ctx)
     return app
 
 
-def _optional(name: str) -> Any:
-    import importlib
+class RequestLog:
+    """One log line per request: method, path (ids in paths are claim, admission or filing
+    ids, never person ids), status, milliseconds. uvicorn's access log is off. A plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request."""
 
-    try:
-        return importlib.import_module(f"adapters.gateway.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"adapters.gateway.{name}":
-            raise
-        return None
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
 
-async def _log_requests(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """One log line per request: method, path (ids in paths are claim ids, never person
-    ids), status, milliseconds. uvicorn's access log is off."""
-    started = time.perf_counter()
-    response = await call_next(request)
-    log.info(
-        "http_request",
-        method=request.method,
-        path=request.url.path,
-        status=response.status_code,
-        ms=round((time.perf_counter() - started) * 1000, 1),
-    )
-    return response
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            log.info(
+                "http_request",
+                method=scope.get("method"),
+                path=scope.get("path"),
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )

@@ -44,6 +44,7 @@ from typing import Annotated, Any, Final
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from adapters.directory import TomlLocator
+from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S
 from adapters.review_desk import REVIEW_PERIOD_S
 from bus.settings import ENV_PREFIX, BusSettings
 
@@ -135,6 +136,10 @@ class GatewayConfig(_Section):
     """Tries to reach the broker at start before giving up (exit 2)."""
     start_backoff_s: float = Field(default=3.0, gt=0)
     """Pause between those tries (doubling up to 4× this)."""
+    instant_deadline_s: float = Field(default=INSTANT_DEADLINE_S, gt=0)
+    """How long an INSTANT claim waits for its review before falling back to DELAYED."""
+    delayed_deadline_s: float = Field(default=DELAYED_DEADLINE_S, gt=0)
+    """How long a DELAYED claim may wait for its review before it is overdue."""
     drain_timeout_s: float = Field(default=30.0, gt=0)
     """On SIGTERM: longest wait for requests and steps in flight before stopping anyway."""
     http: HttpConfig = HttpConfig()
