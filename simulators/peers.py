@@ -44,6 +44,11 @@ from simulators.scenario import Faults, Scenario
 log = structlog.get_logger(__name__)
 
 
+def _minute_of(person_id: str) -> int:
+    """A minute of the simulated morning that is always the same for a person."""
+    return int(hashlib.sha256(person_id.encode()).hexdigest()[:8], 16) % 600
+
+
 def foreign_visit(person_id: str) -> str:
     """The visit of a foreign-filed person in the host desk's journal: stable across
     restarts (one visit per person), and no digit of the ID number in it."""
@@ -92,13 +97,15 @@ class Peer(Simulation):
         todo = [f for f in seen if foreign_visit(f[1]) not in served]
         todo = todo[: max(0, visits - len(served))]
         submitted = 0
-        for i, (host, person_id, home_region) in enumerate(todo):
+        for host, person_id, home_region in todo:
             allowed = self.directory.allowed_hospitals(home_region, host)
             if not allowed:
                 continue
             rng = random.Random(f"{self.scenario.seed}-{person_id}")
             hospital = rng.choice(allowed).code
-            admitted = DAY + dt.timedelta(hours=1, minutes=i)
+            # The time is the person's, not the visit's place in the list: after a restart the
+            # list is shorter, and an admission made before it is discharged with these times.
+            admitted = DAY + dt.timedelta(hours=1, minutes=_minute_of(person_id))
             visit_type, days, diagnoses = make_visit(rng)
             items = make_bill(rng, self.directory.catalogue(host), visit_type, days)
             outcome = await self.treat(
