@@ -56,7 +56,7 @@ from bus.ops import (
 )
 from bus.settings import BusSettings
 from bus.store import Store
-from bus.transport import Admin, Record
+from bus.transport import Record, unreachable
 
 log = structlog.get_logger(__name__)
 
@@ -314,15 +314,7 @@ class Console:
     # --- the tasks ------------------------------------------------------------------------
     async def _probe(self) -> str | None:
         """None when the broker answered a metadata request in time, else why not."""
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                async with Admin(self.settings, self.bootstrap) as admin:
-                    await admin.list_topics()
-        except TimeoutError:
-            return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
-        except (BusError, OSError) as exc:
-            return _one_line(exc)
-        return None
+        return await unreachable(self.settings, self.bootstrap, timeout_s=PROBE_TIMEOUT_S)
 
     async def _watch_broker(self) -> None:
         while True:

@@ -591,6 +591,21 @@ class Admin:
         return created
 
 
+async def unreachable(settings: BusSettings, bootstrap: str, *, timeout_s: float) -> str | None:
+    """None when the cluster at ``bootstrap`` answers a metadata request within
+    ``timeout_s``, else why not, in one line (the probe of the gateway and the console)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with Admin(settings, bootstrap) as admin:
+                await admin.list_topics()
+    except TimeoutError:
+        return f"no answer within {timeout_s:.0f} s"
+    except (TransportError, KafkaError, OSError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return text[:200]
+    return None
+
+
 async def wait_for_metadata(
     settings: BusSettings, bootstrap: str, *, timeout_s: float = 30.0
 ) -> list[str]:

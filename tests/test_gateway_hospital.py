@@ -307,3 +307,28 @@ async def test_the_openapi_document_lists_the_hospital_routes(
         "/v1/claims/{claim_id}",
     } <= (set(doc["paths"]))
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
+
+
+async def test_readyz_names_what_fails(pair: tuple[Gateway, Gateway]) -> None:
+    """Ready with every check passing; the console's broker probe failing makes it 503
+    with the broker check named (the gateway has one probe: its console's)."""
+    _, host = pair
+    async with client(host) as c:
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200
+        assert {x["name"] for x in ready.json()["checks"] if x["ok"]} == {
+            "broker", "partitions", "store", "workers", "draining"
+        }  # fmt: skip
+        assert host.ctx is not None
+        assert host.ctx.console is not None
+        broker = host.ctx.console.broker
+        broker.set("no answer within 5 s")
+        try:
+            down = await c.get("/readyz")
+        finally:
+            broker.set(None)
+    assert down.status_code == 503
+    failing = [x for x in down.json()["checks"] if not x["ok"]]
+    assert [(x["name"], x["detail"]) for x in failing] == [
+        ("broker", "unreachable: no answer within 5 s")
+    ]

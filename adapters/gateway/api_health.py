@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -46,10 +46,14 @@ async def healthz(ctx: GatewayContext = Depends(context)) -> Liveness:
     return Liveness(status="ok", province=ctx.province)
 
 
+def setup(app: FastAPI, ctx: GatewayContext) -> None:
+    """The heartbeat table ``/readyz`` writes to, made once."""
+    ctx.system.db.migrate(_HEARTBEAT)
+
+
 def _store_writable(ctx: GatewayContext) -> str | None:
     db = ctx.system.db
     try:
-        db.migrate(_HEARTBEAT)
         with db.write() as cur:
             cur.execute("INSERT OR REPLACE INTO gateway_heartbeat VALUES (1, ?)", (now_ms(),))
     except Exception as exc:  # any failure to write is the answer
@@ -60,15 +64,17 @@ def _store_writable(ctx: GatewayContext) -> str | None:
 def readiness(ctx: GatewayContext) -> Readiness:
     """Every check of ``/readyz``."""
     node = ctx.system.node
-    r = ctx.readiness
-    age_s = (now_ms() - r.broker_checked_ms) / 1000
+    broker = ctx.console.broker if ctx.console is not None else None
+    checked = broker.checked_ms if broker is not None else None
+    age = "" if checked is None else f"{(now_ms() - checked) / 1000:.0f} s ago"
+    reachable = broker is not None and broker.reachable is True
     checks = [
         Check(
             name="broker",
-            ok=r.broker_ok,
-            detail=f"answered {age_s:.0f} s ago"
-            if r.broker_ok
-            else f"unreachable: {r.broker_error or 'no answer'}",
+            ok=reachable,
+            detail=f"answered {age}"
+            if reachable
+            else f"unreachable: {(broker.error if broker else None) or 'not probed yet'}",
         )
     ]
     assigned = node.assigned_partitions()

@@ -42,15 +42,6 @@ API_VERSION: Final = "1.0"
 
 
 @dataclass(slots=True)
-class Readiness:
-    """What ``/readyz`` reports, kept up to date by the gateway's probe."""
-
-    broker_ok: bool = False
-    broker_checked_ms: int = 0
-    broker_error: str | None = None
-
-
-@dataclass(slots=True)
 class GatewayContext:
     """What the routers need of the running gateway."""
 
@@ -59,7 +50,6 @@ class GatewayContext:
     directory: Directory
     admissions: AdmissionBook
     console: Console | None = None
-    readiness: Readiness = field(default_factory=Readiness)
     draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

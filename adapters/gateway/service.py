@@ -39,14 +39,10 @@ from adapters.gateway.app import GatewayContext, create_app
 from adapters.gateway.config import ROLES, GatewayConfig
 from adapters.province import ProvinceSystem
 from adapters.review_desk import ReviewDeskSettings
-from bus.envelope import now_ms
-from bus.errors import BusError
-from bus.transport import Admin
+from bus.transport import unreachable
 
 log = structlog.get_logger(__name__)
 
-PROBE_INTERVAL_S: Final = 5.0
-"""How often the broker is probed for ``/readyz``."""
 PROBE_TIMEOUT_S: Final = 5.0
 """How long one probe (a metadata request) may take."""
 
@@ -147,15 +143,7 @@ def load_directory(config: GatewayConfig) -> Directory:
 
 async def probe_broker(config: GatewayConfig, bootstrap: str) -> str | None:
     """None if the broker answered a metadata request in time, else why not (one line)."""
-    try:
-        async with asyncio.timeout(PROBE_TIMEOUT_S):
-            async with Admin(config.bus_settings(), bootstrap) as admin:
-                await admin.list_topics()
-    except TimeoutError:
-        return f"no answer within {PROBE_TIMEOUT_S:.0f} s"
-    except (BusError, OSError) as exc:
-        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return None
+    return await unreachable(config.bus_settings(), bootstrap, timeout_s=PROBE_TIMEOUT_S)
 
 
 class Gateway:
@@ -169,7 +157,6 @@ class Gateway:
         self._server: _Server | None = None
         self._app: FastAPI | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._probe: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
 
     @property
@@ -245,9 +232,9 @@ class Gateway:
             directory=directory,
             admissions=AdmissionBook(system.db, cfg.province),
         )
-        self.ctx.readiness.broker_ok = True
-        self.ctx.readiness.broker_checked_ms = now_ms()
         app = self._app = create_app(self.ctx)
+        if self.ctx.console is not None:  # it watches the broker from now on for /readyz
+            self.ctx.console.broker.set(None)  # which answered a moment ago
         server_config = uvicorn.Config(
             app,
             log_config=None,
@@ -262,7 +249,6 @@ class Gateway:
             if self._serving.done():
                 self._serving.result()
             await asyncio.sleep(0.01)
-        self._probe = asyncio.create_task(self._probe_loop(bootstrap), name="broker-probe")
         log.info("gateway_started", province=cfg.province, url=self.url, bootstrap=bootstrap)
         return self
 
@@ -286,32 +272,12 @@ class Gateway:
                     pause = min(pause * 2, self.config.start_backoff_s * 4)
         raise GatewayRefused(f"broker {bootstrap} unreachable after {attempts} tries")
 
-    async def _probe_loop(self, bootstrap: str) -> None:
-        assert self.ctx is not None
-        readiness = self.ctx.readiness
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL_S)
-            with quiet_kafka_client():
-                why = await probe_broker(self.config, bootstrap)
-            if why is not None and readiness.broker_ok:
-                log.warning("broker_unreachable", bootstrap=bootstrap, error=why)
-            elif why is None and not readiness.broker_ok:
-                log.info("broker_reachable_again", bootstrap=bootstrap)
-            readiness.broker_ok = why is None
-            readiness.broker_error = why
-            readiness.broker_checked_ms = now_ms()
-
     async def stop(self) -> None:
         """Drain and stop: no new HTTP requests, those in flight finish, the node drains and
         commits, the database closes. Idempotent."""
         self.stopping.set()
         if self.ctx is not None:
             self.ctx.draining = True
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
