@@ -150,7 +150,9 @@ class TestVerifier:
         trust = Trust(demo_signer(HOST), verifier())
         sealed = trust.seal(headers(sent_at_ms=1), b"k", b"v", now_ms())
         trust.verifier.verify(sealed, b"k", b"v", now_ms())  # type: ignore[union-attr]
-        assert Trust.off().seal(headers(sent_at_ms=1), b"k", b"v", 5) == headers(sent_at_ms=5)
+        deadline = now_ms() + 60_000  # one clock reading: two would differ by a millisecond
+        unsigned = Trust.off().seal(headers(sent_at_ms=1, deadline_ms=deadline), b"k", b"v", 5)
+        assert unsigned == headers(sent_at_ms=5, deadline_ms=deadline)
 
 
 def _set(hs: Headers, name: str, value: bytes) -> Headers:
