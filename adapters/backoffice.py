@@ -3,14 +3,13 @@
 A real province joins the bus by implementing :class:`HomeBackOffice` (persons and their
 insurance, filings, the fund ledger and annual cap use, reviews) and :class:`HostBackOffice`
 (filings received, hospitals' claims, patients' payments and refunds). The roles never touch
-anything else. :class:`SqliteBackOffice` is the durable reference implementation used by the
+anything else. :class:`SqlBackOffice` is the durable reference implementation used by the
 demo and ``xsettle province``; simulators drive it from outside, like a hospital desk would.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from adapters.rules import YearUsage
-from bus.db import Database
+from bus.db import Cursor, Database, SqliteDatabase
 from bus.envelope import now_ms
 from bus.models import (
     ClaimPackage,
@@ -420,7 +419,7 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-class SqliteBackOffice:
+class SqlBackOffice:
     """Reference back office of one province (both roles), in the province's database.
 
     It shares :class:`bus.db.Database` with the bus's store, so the writes a role makes while
@@ -429,20 +428,25 @@ class SqliteBackOffice:
     """
 
     def __init__(self, db: Database | Path | str) -> None:
-        self.db = db if isinstance(db, Database) else Database(db)
-        self.db.migrate(_SCHEMA)
-        self.db.migrate(_CLAIM_TIMELINE_SCHEMA)
+        self.db = db if isinstance(db, Database) else SqliteDatabase(db)
+        self.db.migrate("backoffice/1", _SCHEMA)
+        self.db.migrate("backoffice/2-claim-timeline", _CLAIM_TIMELINE_SCHEMA)
         for table, columns in _ADDED_COLUMNS.items():
             self.db.add_columns(table, columns)
-        self.db.migrate(_PUBLIC_QUERY_SCHEMA)
+        self.db.migrate("backoffice/3-public-queries", _PUBLIC_QUERY_SCHEMA)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
+    def _tx(self) -> Iterator[Cursor]:
         with self.db.write() as cur:
             yield cur
 
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self.db.query(sql, args)
+
+    def _locking(self) -> str:
+        """Inside a step, the suffix that locks the rows read until the step ends: another
+        instance of the province (PostgreSQL) changing the same claim waits for this one."""
+        return self.db.for_update if self.db.current() is not None else ""
 
     def close(self) -> None:
         """Release the file (shared with the bus's store: close after the node stopped)."""
@@ -460,7 +464,9 @@ class SqliteBackOffice:
         }
         with self._tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO persons VALUES (?, ?)", (person.person_id, json.dumps(data))
+                "INSERT INTO persons VALUES (?, ?) ON CONFLICT (person_id) DO UPDATE SET "
+                "data = excluded.data",
+                (person.person_id, json.dumps(data)),
             )
 
     def person(self, person_id: str) -> Person | None:
@@ -521,6 +527,10 @@ class SqliteBackOffice:
         return {str(k): int(v) for k, v in rows}
 
     def year_usage(self, person_id: str, year: int) -> YearUsage:
+        if self.db.current() is not None:
+            # Read to be changed: a review desk decision on another instance waits (the row
+            # may not exist yet, so a named lock rather than a row lock).
+            self.db.lock(f"usage:{person_id}:{year}")
         rows = self._all(
             "SELECT data FROM usage WHERE person_id = ? AND year = ?", (person_id, year)
         )
@@ -544,6 +554,7 @@ class SqliteBackOffice:
         host: str,
     ) -> tuple[str, ReviewResult]:
         with self._tx() as cur:
+            self.db.lock(f"review:{claim_id}")
             row = cur.execute(
                 "SELECT request_id, data FROM reviews WHERE claim_id = ?", (claim_id,)
             ).fetchone()
@@ -555,7 +566,8 @@ class SqliteBackOffice:
                 (claim_id, request_id, result.model_dump_json(), host, person_id, year),
             )
             cur.execute(
-                "INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
+                "INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (person_id, year) DO UPDATE SET "
+                "data = excluded.data",
                 (person_id, year, usage.model_dump_json()),
             )
         return request_id, result
@@ -596,7 +608,7 @@ class SqliteBackOffice:
     def record_settlement(self, notice: SettlementNotice) -> None:
         with self._tx() as cur:
             cur.execute(
-                "INSERT OR IGNORE INTO settlements VALUES (?, ?)",
+                "INSERT INTO settlements VALUES (?, ?) ON CONFLICT (claim_id) DO NOTHING",
                 (notice.claim_id, notice.model_dump_json()),
             )
 
@@ -616,7 +628,8 @@ class SqliteBackOffice:
         }[filing.action.value]
         with self._tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO host_filings VALUES (?, ?)",
+                "INSERT INTO host_filings VALUES (?, ?) ON CONFLICT (person_id) DO UPDATE SET "
+                "data = excluded.data",
                 (filing.person_id, filing.model_dump_json()),
             )
         return status
@@ -633,11 +646,12 @@ class SqliteBackOffice:
     def save_claim(self, claim: HostClaim, payments: Sequence[tuple[str, int]] = ()) -> None:
         with self._tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                "INSERT INTO claims VALUES (?, ?, ?, ?) ON CONFLICT (claim_id) DO UPDATE SET "
+                "request_id = excluded.request_id, state = excluded.state, data = excluded.data",
                 (claim.claim.claim_id, claim.request_id, claim.state.value, _dump_claim(claim)),
             )
             cur.executemany(
-                "INSERT OR IGNORE INTO claim_requests VALUES (?, ?)",
+                "INSERT INTO claim_requests VALUES (?, ?) ON CONFLICT (request_id) DO NOTHING",
                 [(request_id, claim.claim.claim_id) for request_id in claim.resent_as],
             )
             cur.executemany(
@@ -646,25 +660,34 @@ class SqliteBackOffice:
             )
 
     def claim(self, claim_id: str) -> HostClaim | None:
-        rows = self._all("SELECT data FROM claims WHERE claim_id = ?", (claim_id,))
+        rows = self._all(
+            "SELECT data FROM claims WHERE claim_id = ?" + self._locking(),  # noqa: S608
+            (claim_id,),
+        )
         return _load_claim(rows[0][0]) if rows else None
 
     def claims_of(self, person_id: str) -> list[HostClaim]:
         """A person's claims at this host, oldest submission first (only theirs are
         decoded)."""
+        j = self.db.json_text
         rows = self._all(
-            "SELECT data FROM claims WHERE json_extract(data, '$.claim.person_id') = ? "
-            "ORDER BY json_extract(data, '$.claim.submitted_at'), claim_id",
+            f"SELECT data FROM claims WHERE {j('data', 'claim', 'person_id')} = ? "  # noqa: S608
+            f"ORDER BY {j('data', 'claim', 'submitted_at')}, claim_id",
             (person_id,),
         )
         return [_load_claim(r[0]) for r in rows]
 
     def claim_by_request(self, request_id: str) -> HostClaim | None:
-        rows = self._all("SELECT data FROM claims WHERE request_id = ?", (request_id,))
+        lock = self._locking()
+        rows = self._all(
+            "SELECT data FROM claims WHERE request_id = ?" + lock,  # noqa: S608
+            (request_id,),
+        )
         if not rows:
             rows = self._all(
-                "SELECT c.data FROM claim_requests r JOIN claims c ON c.claim_id = r.claim_id "
-                "WHERE r.request_id = ?",
+                "SELECT c.data FROM claim_requests r JOIN claims c "  # noqa: S608
+                "ON c.claim_id = r.claim_id WHERE r.request_id = ?"
+                + lock.replace("UPDATE", "UPDATE OF c"),
                 (request_id,),
             )
         return _load_claim(rows[0][0]) if rows else None
@@ -739,18 +762,19 @@ class SqliteBackOffice:
     def settlement_stats(self, host: str) -> list[dict[str, object]]:
         """Settled claims of this host by home province and month of discharge: the monthly
         figures an ops lead reports (settlements, total costs, fund paid)."""
+        j, n = self.db.json_text, self.db.json_int
         rows = self._all(
-            "SELECT substr(json_extract(data, '$.claim.home_region'), 1, 2) || '0000', "
-            "substr(json_extract(data, '$.claim.discharged_at'), 1, 7), count(*), "
-            "sum(json_extract(data, '$.claim.total_fen')), "
-            "sum(json_extract(data, '$.review.fund_fen')) "
+            f"SELECT substr({j('data', 'claim', 'home_region')}, 1, 2) || '0000', "  # noqa: S608
+            f"substr({j('data', 'claim', 'discharged_at')}, 1, 7), count(*), "
+            f"sum({n('data', 'claim', 'total_fen')}), sum({n('data', 'review', 'fund_fen')}) "
             "FROM claims WHERE state = ? GROUP BY 1, 2 ORDER BY 2, 1",
             (ClaimState.SETTLED.value,),
         )
         return [
-            {"home": h, "host": host, "month": m, "settlements": n, "total_fen": t, "fund_fen": f}
-            for h, m, n, t, f in rows
-        ]
+            {"home": h, "host": host, "month": m, "settlements": int(c), "total_fen": int(t or 0),
+             "fund_fen": int(f or 0)}
+            for h, m, c, t, f in rows
+        ]  # fmt: skip
 
     def payments(self, claim_id: str | None = None) -> list[tuple[str, str, int]]:
         """(claim id, kind, fen) of every payment, optionally of one claim."""

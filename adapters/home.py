@@ -52,7 +52,7 @@ FILING_DEADLINE_S = 60.0
 @runtime_checkable
 class PersonRegistry(Protocol):
     """A home back office that also enrols persons (optional: the agency API files with the
-    person's data; :class:`adapters.backoffice.SqliteBackOffice` is one)."""
+    person's data; :class:`adapters.backoffice.SqlBackOffice` is one)."""
 
     def add_person(self, person: Person) -> None:
         """Enrol a person, or replace what is known of them (an upsert)."""

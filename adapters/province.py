@@ -1,8 +1,10 @@
 """One province on the bus: its node, both roles, and its back office, started together.
 
-The province's state is one SQLite file, ``province-<code>.sqlite3`` in the state folder: the
-bus's tables (processed ids, stored answers, pending requests, the outbox) and the back
-office's, so that every step commits both in one transaction.
+The province's state is one database: the bus's tables (processed ids, stored answers, pending
+requests, the outbox) and the back office's, so that every step commits both in one
+transaction. By default a SQLite file, ``province-<code>.sqlite3`` in the state folder, for one
+instance; with ``database_url``, a PostgreSQL database that two or more instances of the
+province share (:mod:`bus.pg`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from pathlib import Path
 
 import structlog
 
-from adapters.backoffice import SqliteBackOffice
+from adapters.backoffice import SqlBackOffice
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
 from adapters.review_desk import ReviewDeskSettings
-from bus.db import Database
+from bus.db import Database, SqliteDatabase, open_database
 from bus.envelope import now_ms
 from bus.node import Node
 from bus.settings import BusSettings
 from bus.signing import Signer, Trust, Verifier
-from bus.store import SqliteStore
+from bus.store import SqlStore
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +75,18 @@ def trust_for(province: str, settings: BusSettings, directory: Directory) -> Tru
     return Trust(signer, verifier)
 
 
+def province_database(province: str, settings: BusSettings, folder: Path) -> Database:
+    """The province's database: ``database_url`` (PostgreSQL, ``{province}`` replaced by the
+    code) when set, else ``province-<code>.sqlite3`` in ``folder``."""
+    if settings.database_url:
+        return open_database(
+            settings.database_url.replace("{province}", province),
+            pool_max=settings.database_pool_max,
+            application=f"xsettle-{province}",
+        )
+    return SqliteDatabase(folder / f"province-{province}.sqlite3")
+
+
 class ProvinceSystem:
     """A province platform: home and host roles over one node and one back office."""
 
@@ -94,15 +108,15 @@ class ProvinceSystem:
         self._escalator: asyncio.Task[None] | None = None
         self.province = province
         self.directory = directory
-        self.db = Database(folder / f"province-{province}.sqlite3")
+        self.db = province_database(province, settings, folder)
         self.node = Node(
             province,
             settings.model_copy(update={"state_dir": folder}),
             bootstrap=bootstrap,
             trust=trust_for(province, settings, directory),
-            store=SqliteStore(self.db),
+            store=SqlStore(self.db),
         )
-        self.backoffice = SqliteBackOffice(self.db)
+        self.backoffice = SqlBackOffice(self.db)
         self.home = HomeRole(
             self.node, directory, self.backoffice, review_desk=review_desk, db=self.db
         )

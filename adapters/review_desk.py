@@ -120,7 +120,10 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {_COLUMNS} FROM review_desk"  # noqa: S608 (the module's constant columns)
 _MARKS = ",".join("?" * 20)
-_INSERT = f"INSERT OR IGNORE INTO review_desk ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
+_INSERT = (
+    f"INSERT INTO review_desk ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
+    " ON CONFLICT (claim_id) DO NOTHING"
+)
 
 
 class ReviewState(StrEnum):
@@ -337,7 +340,7 @@ class ReviewDesk:
         store_db = getattr(self.node.store, "db", None)
         if isinstance(store_db, Database) and store_db is not self.db:
             raise ValueError("the review desk must share the node's database (one step)")
-        self.db.migrate(_SCHEMA)
+        self.db.migrate("review-desk/1", _SCHEMA)
 
     # --- reservations -----------------------------------------------------------------------
     def reserved(self, person_id: str, year: int, *, excluding: str | None = None) -> YearUsage:
@@ -490,7 +493,9 @@ class ReviewDesk:
 
     # --- one decision, one step --------------------------------------------------------------
     def _load(self, claim_id: str) -> _Row:
-        rows = self.db.query(_SELECT + " WHERE claim_id = ?", (claim_id,))
+        # Locked until the decision commits: a second decision on another instance waits,
+        # then finds it decided.
+        rows = self.db.query(_SELECT + " WHERE claim_id = ?" + self.db.for_update, (claim_id,))
         if not rows:
             raise UnknownReview(f"no review of claim {claim_id} at {self.node.province}'s desk")
         return _row(rows[0])

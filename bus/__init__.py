@@ -31,7 +31,7 @@ from bus.models import (
 )
 from bus.node import DEFER, Answer, Context, Deferred, Node
 from bus.settings import BusSettings
-from bus.store import Obligation, SqliteStore, Store
+from bus.store import Obligation, SqlStore, Store
 
 __all__ = [
     # Clients
@@ -56,7 +56,7 @@ __all__ = [
     "SchemaStore",
     "Envelope",
     "Store",
-    "SqliteStore",
+    "SqlStore",
     "Obligation",
     "ClaimItem",
     "ClaimPackage",

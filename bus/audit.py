@@ -20,13 +20,12 @@ directory's public keys only.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from bus.db import Database, dump_headers, load_headers
+from bus.db import Cursor, Database, dump_headers, load_headers
 from bus.transport import Headers
 
 SENT: Final = "sent"
@@ -171,12 +170,12 @@ _COLUMNS = (
 )
 
 
-class SqliteAuditLog:
+class SqlAuditLog:
     """The signed message log in the province's SQLite file."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.migrate(_SCHEMA)
+        db.migrate("audit/1", _SCHEMA)
 
     def head(self) -> tuple[int, bytes]:
         rows = self.db.query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -189,6 +188,7 @@ class SqliteAuditLog:
         if not entries:
             return
         with self.db.write() as cur:
+            self.db.lock("audit-chain")  # one chain: instances sharing it append in turn
             seq, prev = self.head()
             for e in entries:
                 subject = e.subject
@@ -273,7 +273,7 @@ class SqliteAuditLog:
         return int(self.db.query("SELECT COUNT(*) FROM audit_log")[0][0])
 
 
-def _attach(cur: sqlite3.Cursor, subject: str, message_id: str) -> None:
+def _attach(cur: Cursor, subject: str, message_id: str) -> None:
     """Give ``subject`` to the entries logged before it that answer ``message_id`` (and to
     their answers): a sent record is logged once the broker acknowledged it, so an answer to
     it (a fast ErrorReport) can be received and logged first. The subject is not part of the

@@ -150,7 +150,7 @@ from bus.store import (
     Obligation,
     OutRecord,
     PendingRequest,
-    SqliteStore,
+    SqlStore,
     Store,
 )
 from bus.transport import Consumer, Partition, Producer, Record
@@ -166,6 +166,8 @@ QUEUE_LOW = 200
 COMMIT_INTERVAL_S = 0.1
 """Done offsets are committed at most this often (and on revoke and stop)."""
 SWEEP_BATCH = 1_000
+ASK_POLL_S = 0.25
+"""How often :meth:`Node.ask` looks in the store for an answer another instance received."""
 """Overdue requests handled per sweep round."""
 DRAIN_TIMEOUT_S = 10.0
 """Longest a graceful stop waits for in-flight work."""
@@ -338,7 +340,7 @@ class Node:
         """Signs what the node sends and checks what it receives (:mod:`bus.signing`)."""
         self._last_seal_ms = 0
         self.codec = codec or Codec()
-        self.store: Store = store or SqliteStore(settings.state_dir / f"bus-{province}.sqlite3")
+        self.store: Store = store or SqlStore(settings.state_dir / f"bus-{province}.sqlite3")
         self.group = group or f"xsettle-{province}"
         self.metrics = Metrics()
         self.metrics.gauge("xsettle_pending_requests", lambda: float(self.store.count(PENDING)))
@@ -430,8 +432,9 @@ class Node:
             assert pending.answer is not None
             try:
                 async with self.step():
-                    await self._deliver(pending, self.codec.decode(pending.answer.value))
-                    self.store.mark_delivered(pending.message_id)
+                    # Marked first: of two instances starting at once, one delivers it.
+                    if self.store.mark_delivered(pending.message_id):
+                        await self._deliver(pending, self.codec.decode(pending.answer.value))
             except Exception:
                 self._log.exception("answer_redelivery_failed", message_id=pending.message_id)
         if consume:
@@ -726,9 +729,38 @@ class Node:
             async with self.step():
                 self.store.add_pending(pending)
                 self._emit(pending.record)
-            return await asyncio.wait_for(asyncio.shield(waiter), deadline_s + 30.0)
+            return await self._await_answer(pending, waiter, deadline_s + 30.0)
         finally:
             self._waiters.pop(pending.message_id, None)
+
+    async def _await_answer(
+        self, pending: PendingRequest, waiter: asyncio.Future[Answer], timeout_s: float
+    ) -> Answer:
+        """The answer ``waiter`` is given when this instance receives it; when another
+        instance of the province (sharing the store) received it, the store has it."""
+        limit = time.monotonic() + timeout_s
+        while True:
+            left = limit - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer to {pending.message_id} in {timeout_s:.0f} s")
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(waiter), min(left, ASK_POLL_S))
+            stored = self.store.get_pending(pending.message_id)
+            if stored is None or stored.state == PENDING:
+                continue
+            if stored.answer is not None:
+                message: Message = self.codec.decode(stored.answer.value)
+            else:  # expired by another instance's sweep
+                message = self._deadline_report(stored)
+            return Answer(
+                request_id=stored.message_id,
+                request_type=stored.message_type,
+                target=stored.target,
+                message=message,
+                latency_s=max(0.0, ((stored.answered_at_ms or now_ms()) - stored.sent_at_ms))
+                / 1000,
+                request=stored,
+            )
 
     async def delivered(self, step: Step) -> None:
         """Wait until the broker acknowledged every record ``step`` sent (after its commit).
@@ -736,11 +768,19 @@ class Node:
         if step.sent:
             await asyncio.gather(*step.sent)
 
-    async def resend(self, request_id: str) -> bool:
-        """Send an unanswered request again: same id, ``xs-attempt`` + 1. False if answered."""
+    async def resend(self, request_id: str, *, unless_sent_since_ms: int | None = None) -> bool:
+        """Send an unanswered request again: same id, ``xs-attempt`` + 1. False if answered,
+        or (``unless_sent_since_ms``) sent again since then, by another instance say."""
         async with self.step():
-            pending = self.store.get_pending(request_id)
+            pending = self.store.get_pending(request_id, lock=True)
             if pending is None or pending.state != PENDING:
+                return False
+            sent = pending.last_sent_ms
+            if (
+                unless_sent_since_ms is not None
+                and sent is not None
+                and sent > unless_sent_since_ms
+            ):
                 return False
             env = Envelope.from_headers(pending.record.headers).resent()
             record = OutRecord(
@@ -1317,7 +1357,7 @@ class Node:
         an ErrorReport for a :class:`Rejection`. Called again (from this process or another
         sharing the store), it returns the stored answer and sends nothing new."""
         async with self.step():
-            ob = self.store.get_obligation(request_id)
+            ob = self.store.get_obligation(request_id, lock=True)
             if ob is None:
                 raise RoutingError(f"{self.province} owes no answer to {request_id}")
             if ob.answer is not None:
@@ -1462,7 +1502,7 @@ class Node:
         count = 0
         for pending in again:
             try:
-                if await self.resend(pending.message_id):
+                if await self.resend(pending.message_id, unless_sent_since_ms=now - window):
                     count += 1
                     self.metrics.inc("xsettle_unacknowledged_resends_total")
                     self._log.warning(
@@ -1478,7 +1518,17 @@ class Node:
     async def _expire(self, pending: PendingRequest) -> None:
         """Report DEADLINE_EXCEEDED for one request and hand it to the caller (in a step)."""
         env = Envelope.from_headers(pending.record.headers)
-        rep = report(
+        rep = self._deadline_report(pending)
+        key = pending.record.key
+        for to in (pending.target, self.province):
+            self._emit(self._report_out(rep, to, key, env.message_id))
+        await self._deliver(pending, rep)
+        self.metrics.inc("xsettle_answers_total", outcome="deadline")
+
+    def _deadline_report(self, pending: PendingRequest) -> ErrorReport:
+        """The DEADLINE_EXCEEDED report of a request nobody answered in time."""
+        env = Envelope.from_headers(pending.record.headers)
+        return report(
             ErrorCode.DEADLINE_EXCEEDED,
             f"no answer from {pending.target} to {pending.message_type} "
             f"{pending.message_id} by its deadline",
@@ -1490,11 +1540,6 @@ class Node:
             ref=env,
             details={"deadline_ms": str(pending.deadline_ms), "attempts": str(pending.attempt)},
         )
-        key = pending.record.key
-        for to in (pending.target, self.province):
-            self._emit(self._report_out(rep, to, key, env.message_id))
-        await self._deliver(pending, rep)
-        self.metrics.inc("xsettle_answers_total", outcome="deadline")
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.sweep_interval_ms / 1000

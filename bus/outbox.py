@@ -7,6 +7,12 @@ again with capped exponential backoff, for ever and loudly (log, metric): never 
 start, rows a crash left behind are sent again with the same message id and ``xs-attempt`` + 1.
 The futures :meth:`dispatch` returns resolve on the acknowledgement, which is what the
 consumer waits for before committing the offset of the record that caused them.
+
+Several instances of one province may share the store (PostgreSQL). Each row belongs to the
+instance whose step wrote it, and only that instance's relay sends it: nothing is sent twice
+while its instance lives. Every :data:`ADOPT_INTERVAL_S`, each relay looks for rows of
+instances that are no longer alive (:meth:`Store.alive`: a killed process's session lock is
+gone) and adopts them in one UPDATE, so each row goes to one survivor, which sends it again.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ RESEND_MAX_S = 10.0
 """A send that keeps failing is tried at least this often."""
 RESUME_CHUNK = 1_000
 """Rows read at once when resuming after a crash (bounded memory)."""
+ADOPT_INTERVAL_S = 1.0
+"""How often a relay looks for rows left by an instance that died."""
 
 
 def family_of_topic(name: str) -> str:
@@ -101,6 +109,7 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._adopter: asyncio.Task[None] | None = None
         self._running = False
 
     @property
@@ -121,18 +130,46 @@ class Relay:
             rows = self._store.outbox(RESUME_CHUNK, after_id=last)
             if not rows:
                 break
-            again = [(i, resent(r)) for i, r in rows]
-            async with self._store.step():
-                for i, r in again:
-                    self._store.outbox_replace(i, r)
-            self.dispatch(again)
-            resumed += len(again)
+            await self._send_again(rows)
+            resumed += len(rows)
             last = rows[-1][0]
         if resumed:
             self._log.warning("outbox_resumed", records=resumed)
             self._metrics.inc("xsettle_outbox_resumed_total", resumed)
+        resumed += await self.adopt()
         self._flusher = asyncio.create_task(self._flush_loop(), name="outbox-flush")
+        self._adopter = asyncio.create_task(self._adopt_loop(), name="outbox-adopt")
         return resumed
+
+    async def _send_again(self, rows: Sequence[tuple[int, OutRecord]]) -> None:
+        again = [(i, resent(r)) for i, r in rows]
+        async with self._store.step():
+            for i, r in again:
+                self._store.outbox_replace(i, r)
+        self.dispatch(again)
+
+    async def adopt(self) -> int:
+        """Adopt and send the rows of instances that are no longer alive; returns how many."""
+        adopted = 0
+        for owner in self._store.outbox_owners():
+            if self._store.alive(owner):
+                continue
+            rows = self._store.adopt_outbox(owner)
+            if not rows:
+                continue  # another survivor was quicker
+            await self._send_again(rows)
+            adopted += len(rows)
+            self._log.warning("outbox_adopted", records=len(rows), instance=owner)
+            self._metrics.inc("xsettle_outbox_adopted_total", len(rows))
+        return adopted
+
+    async def _adopt_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(ADOPT_INTERVAL_S)
+            try:
+                await self.adopt()
+            except BusError as exc:
+                self._log.error("outbox_adopt_failed", error=str(exc))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Wait (bounded) for rows in flight, remove the acknowledged ones. Idempotent."""
@@ -143,10 +180,10 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
         self._running = False
-        for task in [*self._tasks, self._sender]:
+        for task in [*self._tasks, self._sender, self._adopter]:
             if task is not None:
                 task.cancel()
-        self._sender = None
+        self._sender = self._adopter = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -157,7 +194,7 @@ class Relay:
     def abandon(self) -> None:
         """Drop everything in memory without touching the store (a simulated crash)."""
         self._running = False
-        for task in [*self._tasks, self._sender, self._flusher]:
+        for task in [*self._tasks, self._sender, self._flusher, self._adopter]:
             if task is not None:
                 task.cancel()
         for fut in self._inflight.values():

@@ -97,6 +97,14 @@ class BusSettings(BaseModel):
 
     state_dir: Path = Path("var")
     """Folder of the durable state (SQLite files, one per province node)."""
+    database_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    """A PostgreSQL database for the province's state instead of its SQLite file in
+    ``state_dir`` (``postgresql://user@host:5432/xsettle_130000``; the password from the URL,
+    ``PGPASSWORD`` or ``~/.pgpass``). Every instance of one province names the same database;
+    ``{province}`` in it is replaced by the province code (several provinces on one server)."""
+    database_pool_max: int = Field(default=8, ge=2, le=100)
+    """Most connections one instance opens to ``database_url`` (besides the one that holds its
+    liveness lock)."""
     retry_initial_ms: int = Field(default=100, ge=1)
     """First backoff of a handler's transient failure."""
     retry_max_ms: int = Field(default=5_000, ge=1)

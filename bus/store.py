@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bus.audit import AuditLog, SqliteAuditLog
-from bus.db import Database, Step, dump_headers, load_headers
+from bus.audit import AuditLog, SqlAuditLog
+from bus.db import Cursor, Database, SqliteDatabase, Step, dump_headers, load_headers
+from bus.errors import StoreError
 from bus.transport import Headers
 
 PENDING = "pending"
@@ -144,8 +145,18 @@ class Store(Protocol):
         """Queue a record to be sent once the running step commits; returns its row id."""
 
     def outbox(self, limit: int, after_id: int = 0) -> list[tuple[int, OutRecord]]:
-        """Queued records not yet acknowledged by the broker, oldest first, from row
-        ``after_id`` on."""
+        """This instance's queued records not yet acknowledged by the broker, oldest first,
+        from row ``after_id`` on."""
+
+    def outbox_owners(self) -> list[str]:
+        """The other instances that have rows in the outbox (see :meth:`adopt_outbox`)."""
+
+    def adopt_outbox(self, owner: str) -> list[tuple[int, OutRecord]]:
+        """Make the rows of ``owner`` (an instance that is no longer alive) this instance's,
+        and return them, oldest first: they are sent again by this instance's relay."""
+
+    def alive(self, instance: str) -> bool:
+        """Whether the instance ``instance`` sharing this store is running."""
 
     def outbox_sent(self, ids: Sequence[int]) -> None:
         """The broker acknowledged these rows: remove them."""
@@ -159,8 +170,9 @@ class Store(Protocol):
     def add_pending(self, request: PendingRequest) -> None:
         """Record a request (in the step that queues it)."""
 
-    def get_pending(self, message_id: str) -> PendingRequest | None:
-        """The request with this id, in any state."""
+    def get_pending(self, message_id: str, *, lock: bool = False) -> PendingRequest | None:
+        """The request with this id, in any state; ``lock``: its row is held until the step
+        ends (another instance acting on it waits)."""
 
     def record_answer(
         self,
@@ -179,8 +191,9 @@ class Store(Protocol):
         yet: ``delivered=False``); ``expired`` → ``late``; other states stay.
         """
 
-    def mark_delivered(self, message_id: str) -> None:
-        """The caller has been given a stored answer (``answered`` → ``delivered``)."""
+    def mark_delivered(self, message_id: str) -> bool:
+        """The caller has been given a stored answer (``answered`` → ``delivered``); False
+        when another instance delivered it first."""
 
     def mark_expired(self, message_id: str) -> bool:
         """``pending`` → ``expired``; False if the request was no longer pending."""
@@ -218,13 +231,16 @@ class Store(Protocol):
     def mark_processed(
         self, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int
     ) -> None:
-        """Record that a received message was handled, with the answer sent for it."""
+        """Record that a received message was handled, with the answer sent for it.
+        :class:`StoreError` (retriable) when it was marked meanwhile (by another instance,
+        during a rebalance): the step rolls back and the retry finds it processed."""
 
     def add_obligation(self, obligation: Obligation) -> None:
         """Record an accepted request whose answer is deferred."""
 
-    def get_obligation(self, request_id: str) -> Obligation | None:
-        """The obligation for this request, open or answered."""
+    def get_obligation(self, request_id: str, *, lock: bool = False) -> Obligation | None:
+        """The obligation for this request, open or answered (``lock``: held until the step
+        ends)."""
 
     def settle_obligation(self, request_id: str, answer: OutRecord, at_ms: int) -> None:
         """Store the terminal answer of an open obligation (``open`` → ``answered``) and make
@@ -297,6 +313,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 
+_OUTBOX_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS outbox_owner ON outbox (owner, id);"
+"""The instance each outbox row waits for (its relay sends it; if the instance dies, another
+adopts the row)."""
+
 _PENDING_COLUMNS = (
     "message_id, message_type, target, topic, key, value, headers, attempt, sent_at_ms, "
     "deadline_ms, state, answer_topic, answer_key, answer_value, answer_headers, answered_at_ms, "
@@ -312,6 +332,7 @@ _ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "last_sent_ms": "INTEGER",
     },
     "obligations": {"expected_by_ms": "INTEGER", "ack_state": "TEXT", "note": "TEXT"},
+    "outbox": {"owner": "TEXT"},
 }
 """Columns added after a table was first created (contract v1.2): added to an older file at
 open, so a province's state folder keeps working across versions."""
@@ -375,17 +396,45 @@ def _b(value: Any) -> bytes | None:
     return bytes(value) if value is not None else None
 
 
-class SqliteStore:
-    """The embedded default :class:`Store`: the bus's tables in the province's SQLite file
-    (:class:`bus.db.Database`), which the back office shares so one step covers both."""
+def _out(topic: Any, key: Any, value: Any, headers: Any) -> OutRecord:
+    return OutRecord(str(topic), _b(key), bytes(value), load_headers(bytes(headers)))
+
+
+def _insert_processed(
+    cur: Cursor, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int
+) -> None:
+    """Mark a message processed, once: a mark already there means another instance handled
+    it meanwhile (two owners of one partition during a rebalance), and the step must not
+    commit a second handling."""
+    cur.execute(
+        "INSERT INTO processed VALUES (?,?,?,?,?,?,?) ON CONFLICT (message_id) DO NOTHING",
+        (
+            message_id,
+            message_type,
+            answer.topic if answer else None,
+            answer.key if answer else None,
+            answer.value if answer else None,
+            dump_headers(answer.headers) if answer else None,
+            at_ms,
+        ),
+    )
+    if cur.rowcount == 0:
+        raise StoreError(f"message {message_id} was processed meanwhile (by another instance)")
+
+
+class SqlStore:
+    """The :class:`Store`: the bus's tables in the province's database (:class:`Database`:
+    the SQLite file, or PostgreSQL shared by the province's instances), which the back office
+    shares so one step covers both."""
 
     def __init__(self, db: Database | Path | str) -> None:
-        self.db = db if isinstance(db, Database) else Database(db)
+        self.db = db if isinstance(db, Database) else SqliteDatabase(db)
         self.path = self.db.path
-        self.db.migrate(_SCHEMA)
+        self.db.migrate("store/1", _SCHEMA)
         for table, columns in _ADDED_COLUMNS.items():
             self.db.add_columns(table, columns)
-        self.audit: AuditLog = SqliteAuditLog(self.db)
+        self.db.migrate("store/2-outbox-owner", _OUTBOX_OWNER_INDEX)
+        self.audit: AuditLog = SqlAuditLog(self.db)
 
     def step(self) -> AbstractAsyncContextManager[Step]:
         return self.db.step()
@@ -399,23 +448,42 @@ class SqliteStore:
     # --- outbox ---------------------------------------------------------------------------
     def add_outbox(self, record: OutRecord) -> int:
         with self.db.write() as cur:
-            cur.execute(
-                "INSERT INTO outbox (topic, key, value, headers) VALUES (?,?,?,?)",
-                (record.topic, record.key, record.value, dump_headers(record.headers)),
-            )
-            row_id = cur.lastrowid
-        assert row_id is not None
-        return int(row_id)
+            row = cur.execute(
+                "INSERT INTO outbox (topic, key, value, headers, owner) VALUES (?,?,?,?,?) "
+                "RETURNING id",
+                (record.topic, record.key, record.value, dump_headers(record.headers),
+                 self.db.instance_id),
+            ).fetchone()  # fmt: skip
+        return int(row[0])
 
     def outbox(self, limit: int, after_id: int = 0) -> list[tuple[int, OutRecord]]:
+        # Rows without an owner were written before instances had names: this one's.
         rows = self._query(
-            "SELECT id, topic, key, value, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
+            "SELECT id, topic, key, value, headers FROM outbox WHERE id > ? "
+            "AND (owner = ? OR owner IS NULL) ORDER BY id LIMIT ?",
+            (after_id, self.db.instance_id, limit),
         )
-        return [
-            (int(i), OutRecord(str(t), _b(k), bytes(v), load_headers(bytes(h))))
-            for i, t, k, v, h in rows
-        ]
+        return [(int(i), _out(t, k, v, h)) for i, t, k, v, h in rows]
+
+    def outbox_owners(self) -> list[str]:
+        rows = self._query(
+            "SELECT DISTINCT owner FROM outbox WHERE owner IS NOT NULL AND owner <> ?",
+            (self.db.instance_id,),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    def adopt_outbox(self, owner: str) -> list[tuple[int, OutRecord]]:
+        # One UPDATE: of two instances adopting at once, each row goes to one of them.
+        with self.db.write() as cur:
+            rows = cur.execute(
+                "UPDATE outbox SET owner = ? WHERE owner = ? "
+                "RETURNING id, topic, key, value, headers",
+                (self.db.instance_id, owner),
+            ).fetchall()
+        return sorted((int(i), _out(t, k, v, h)) for i, t, k, v, h in rows)
+
+    def alive(self, instance: str) -> bool:
+        return self.db.alive(instance)
 
     def outbox_sent(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -438,16 +506,19 @@ class SqliteStore:
         r = request.record
         with self.db.write() as cur:
             cur.execute(
-                f"INSERT OR IGNORE INTO pending ({_PENDING_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)",
+                f"INSERT INTO pending ({_PENDING_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?) "
+                "ON CONFLICT (message_id) DO NOTHING",
                 (request.message_id, request.message_type, request.target, r.topic, r.key,
                  r.value, dump_headers(r.headers), request.attempt, request.sent_at_ms,
                  request.deadline_ms, request.state, request.sent_at_ms),
             )  # fmt: skip
 
-    def get_pending(self, message_id: str) -> PendingRequest | None:
+    def get_pending(self, message_id: str, *, lock: bool = False) -> PendingRequest | None:
         rows = self._query(
-            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE message_id = ?", (message_id,)
+            f"SELECT {_PENDING_COLUMNS} FROM pending WHERE message_id = ?"
+            + (self.db.for_update if lock else ""),
+            (message_id,),
         )
         return _row_to_pending(rows[0]) if rows else None
 
@@ -462,12 +533,10 @@ class SqliteStore:
         delivered: bool,
     ) -> tuple[str | None, PendingRequest | None]:
         with self.db.write() as cur:
-            cur.execute(
-                "INSERT OR REPLACE INTO processed VALUES (?,?,NULL,NULL,NULL,NULL,?)",
-                (answer_id, answer_type, at_ms),
-            )
+            _insert_processed(cur, answer_id, answer_type, None, at_ms)
             row = cur.execute(
-                f"SELECT {_PENDING_COLUMNS} FROM pending WHERE message_id = ?", (message_id,)
+                f"SELECT {_PENDING_COLUMNS} FROM pending WHERE message_id = ?" + self.db.for_update,
+                (message_id,),
             ).fetchone()
             if row is None:
                 return None, None
@@ -483,12 +552,13 @@ class SqliteStore:
                 )  # fmt: skip
             return request.state, request
 
-    def mark_delivered(self, message_id: str) -> None:
+    def mark_delivered(self, message_id: str) -> bool:
         with self.db.write() as cur:
-            cur.execute(
+            changed = cur.execute(
                 "UPDATE pending SET state = ? WHERE message_id = ? AND state = ?",
                 (DELIVERED, message_id, ANSWERED),
-            )
+            ).rowcount
+        return bool(changed)
 
     def mark_expired(self, message_id: str) -> bool:
         with self.db.write() as cur:
@@ -572,34 +642,26 @@ class SqliteStore:
         self, message_id: str, message_type: str, answer: OutRecord | None, at_ms: int
     ) -> None:
         with self.db.write() as cur:
-            cur.execute(
-                "INSERT OR REPLACE INTO processed VALUES (?,?,?,?,?,?,?)",
-                (
-                    message_id,
-                    message_type,
-                    answer.topic if answer else None,
-                    answer.key if answer else None,
-                    answer.value if answer else None,
-                    dump_headers(answer.headers) if answer else None,
-                    at_ms,
-                ),
-            )
+            _insert_processed(cur, message_id, message_type, answer, at_ms)
 
     # --- obligations (deferred answers) ------------------------------------------------------
     def add_obligation(self, obligation: Obligation) -> None:
         o = obligation
         with self.db.write() as cur:
             cur.execute(
-                "INSERT OR IGNORE INTO obligations (request_id, request_type, source, key, "
+                "INSERT INTO obligations (request_id, request_type, source, key, "
                 "deadline_ms, accepted_at_ms, state, expected_by_ms, ack_state, note) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (request_id) DO NOTHING",
                 (o.request_id, o.request_type, o.source, o.key, o.deadline_ms,
                  o.accepted_at_ms, o.state, o.expected_by_ms, o.ack_state, o.note),
             )  # fmt: skip
 
-    def get_obligation(self, request_id: str) -> Obligation | None:
-        rows = self._query(f"SELECT {_OBLIGATION_COLUMNS} FROM obligations WHERE request_id = ?",
-                           (request_id,))  # fmt: skip
+    def get_obligation(self, request_id: str, *, lock: bool = False) -> Obligation | None:
+        rows = self._query(
+            f"SELECT {_OBLIGATION_COLUMNS} FROM obligations WHERE request_id = ?"
+            + (self.db.for_update if lock else ""),
+            (request_id,),
+        )
         return _row_to_obligation(rows[0]) if rows else None
 
     def settle_obligation(self, request_id: str, answer: OutRecord, at_ms: int) -> None:

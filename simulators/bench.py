@@ -81,7 +81,7 @@ from bus.models import (
 from bus.node import Answer, Context, Node
 from bus.settings import BusSettings
 from bus.signing import SIGNATURE_HEADERS, Trust, canonical, signature_of
-from bus.store import _PENDING_COLUMNS, PENDING, OutRecord, PendingRequest, SqliteStore
+from bus.store import _PENDING_COLUMNS, PENDING, OutRecord, PendingRequest, SqlStore
 from bus.transport import Admin, Record
 from simulators import samples
 from simulators.keys import demo_trust, without_keys
@@ -628,7 +628,7 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bulk_pending(store: SqliteStore, rows: int, base_ms: int, template: PendingRequest) -> None:
+def _bulk_pending(store: SqlStore, rows: int, base_ms: int, template: PendingRequest) -> None:
     """Insert ``rows`` pending requests in one transaction (bench only: one commit per 50k
     rows instead of one per row). Deadlines are ``base_ms + i``."""
     r = template.record
@@ -637,19 +637,17 @@ def _bulk_pending(store: SqliteStore, rows: int, base_ms: int, template: Pending
         f"INSERT INTO pending ({_PENDING_COLUMNS}) "  # noqa: S608 - constant column list
         "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)"
     )
-    db = store.db._db
     chunk = 50_000
     for start in range(0, rows, chunk):
-        db.execute("BEGIN")
-        db.executemany(
-            sql,
-            (
-                (f"{i:012d}-{new_id()[:23]}", template.message_type, template.target, r.topic,
-                 r.key, r.value, headers, 1, base_ms, base_ms + i, PENDING, base_ms)
-                for i in range(start, min(rows, start + chunk))
-            ),
-        )  # fmt: skip
-        db.execute("COMMIT")
+        with store.db.write() as cur:
+            cur.executemany(
+                sql,
+                [
+                    (f"{i:012d}-{new_id()[:23]}", template.message_type, template.target,
+                     r.topic, r.key, r.value, headers, 1, base_ms, base_ms + i, PENDING, base_ms)
+                    for i in range(start, min(rows, start + chunk))
+                ],
+            )  # fmt: skip
 
 
 def _file_bytes(path: Path) -> int:
@@ -687,7 +685,7 @@ def bench_store(sizes: Sequence[int], sweep: int, repeat: int, folder: Path) -> 
     for size in sizes:
         path = folder / f"store-{size}.sqlite3"
         rss0 = rss_bytes()
-        store = SqliteStore(path)
+        store = SqlStore(path)
         began = time.perf_counter()
         base = 1_000_000_000_000
         _bulk_pending(store, size, base, template)
@@ -843,7 +841,7 @@ def bench_signing(
     canons = [_timed_us(n, canon) for _ in range(repeat)]
 
     path = folder / f"signing-{receiver}.sqlite3"
-    store = SqliteStore(path)
+    store = SqlStore(path)
     node = Node(receiver, settings, bootstrap="unused:9092", trust=receiving, store=store)
     clock = time.perf_counter_ns
     checks: list[list[float]] = []

@@ -37,7 +37,7 @@ from typing import Any
 
 import structlog
 
-from adapters.backoffice import TERMINAL_STATES, ClaimState, SqliteBackOffice
+from adapters.backoffice import TERMINAL_STATES, ClaimState, SqlBackOffice
 from adapters.directory import Directory, province_of
 from adapters.rules import MAX_ADVANCE_PERMILLE
 from bus.broker import EmbeddedBroker, create_contract_topics
@@ -130,10 +130,10 @@ def province_db(state_dir: Path, province: str) -> Path:
     return state_dir / f"province-{province}.sqlite3"
 
 
-def open_backoffice(state_dir: Path, province: str) -> SqliteBackOffice | None:
+def open_backoffice(state_dir: Path, province: str) -> SqlBackOffice | None:
     """The province's back office in its state folder, or None if it never wrote one."""
     path = province_db(state_dir, province)
-    return SqliteBackOffice(path) if path.is_file() else None
+    return SqlBackOffice(path) if path.is_file() else None
 
 
 def outbox_size(state_dir: Path, province: str) -> int:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from bus.audit import SqliteAuditLog
+from bus.audit import SqlAuditLog
 from bus.audit_export import ExportError, export_subject, read_export, verify_export, write_export
-from bus.db import Database
+from bus.db import SqliteDatabase
 from bus.envelope import now_ms
 from bus.errors import StoreError
 from bus.settings import BusSettings
@@ -68,9 +68,9 @@ async def cmd_export(args: argparse.Namespace) -> int:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return _fail("export", f"no database of {province} at {candidates[0]}")
-    db = Database(path)
+    db = SqliteDatabase(path)
     try:
-        doc = export_subject(SqliteAuditLog(db), args.claim, signer, now_ms())
+        doc = export_subject(SqlAuditLog(db), args.claim, signer, now_ms())
     except (ExportError, StoreError) as exc:
         return _fail("export", f"{path}: {exc}")
     finally:

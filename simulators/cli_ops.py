@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adapters.backoffice import TERMINAL_STATES, ClaimState, HostClaim, SqliteBackOffice
+from adapters.backoffice import TERMINAL_STATES, ClaimState, HostClaim, SqlBackOffice
 from bus.console import Console
 from bus.envelope import now_ms
 from bus.logs import mask_text
@@ -40,7 +40,7 @@ from bus.ops import (
     pending_summary,
     replay,
 )
-from bus.store import SqliteStore, Store
+from bus.store import SqlStore, Store
 from simulators.cli import add_bootstrap, settings_from
 
 REDRAW_S = 1.0
@@ -249,7 +249,7 @@ def _stores(state_dir: Path, province: str | None) -> dict[str, Store] | None:
     if not files:
         print(f"xsettle ops pending: no node store at {state_dir / pattern}", file=sys.stderr)
         return None
-    return {p: SqliteStore(f) for p, f in files.items()}
+    return {p: SqlStore(f) for p, f in files.items()}
 
 
 async def cmd_pending(args: argparse.Namespace) -> int:
@@ -396,7 +396,7 @@ async def cmd_claims(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    office = SqliteBackOffice(path)
+    office = SqlBackOffice(path)
     try:
         now = now_ms()
         if args.claim:
@@ -434,7 +434,7 @@ async def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_claim(office: SqliteBackOffice, claim_id: str, now: int, *, as_json: bool) -> int:
+def _show_claim(office: SqlBackOffice, claim_id: str, now: int, *, as_json: bool) -> int:
     """One claim: where it stands, its money and its timeline."""
     claim = office.claim(claim_id)
     if claim is None:
@@ -501,13 +501,13 @@ async def cmd_console(args: argparse.Namespace) -> int:
         print(f"xsettle ops console: XSETTLE_TOKENS_OPS: {why}", file=sys.stderr)
         return 2
     stores: dict[str, Store] = {}
-    offices: dict[str, SqliteBackOffice] = {}
+    offices: dict[str, SqlBackOffice] = {}
     if args.state_dir:
         stores = _stores(Path(args.state_dir), args.province) or {}
         for province in stores:
             path = _province_db(Path(args.state_dir), province)
             if path is not None:
-                offices[province] = SqliteBackOffice(path)
+                offices[province] = SqlBackOffice(path)
     panels: list[PanelSource] = []
     if offices:
         panels = [
@@ -542,7 +542,7 @@ async def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close(stores: dict[str, Store], offices: dict[str, SqliteBackOffice]) -> None:
+def _close(stores: dict[str, Store], offices: dict[str, SqlBackOffice]) -> None:
     for store in stores.values():
         store.close()
     for office in offices.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from bus.broker import EmbeddedBroker, create_contract_topics
 from bus.codec import Codec
 from bus.node import Node
+from bus.pg import EmbeddedPostgres
 from bus.settings import BusSettings
 from bus.signing import Trust
 from simulators.keys import demo_trust
@@ -28,6 +29,26 @@ async def broker() -> AsyncIterator[str]:
         return
     async with EmbeddedBroker() as embedded:
         yield embedded.bootstrap
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """The session's PostgreSQL: ``XSETTLE_TEST_POSTGRES_URL`` (a server whose ``postgres``
+    database the tests may create databases from) or the embedded one, started once."""
+    external = os.environ.get("XSETTLE_TEST_POSTGRES_URL")
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"))
+    if external:
+        server.url = external
+        yield server
+        return
+    with server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: EmbeddedPostgres) -> str:
+    """A fresh, empty database of the session's PostgreSQL, for this test."""
+    return postgres.create_database(f"t_{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(scope="session")

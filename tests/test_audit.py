@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bus.audit import RECEIVED, SENT, AuditEntry, SqliteAuditLog
+from bus.audit import RECEIVED, SENT, AuditEntry, SqlAuditLog
 from bus.audit_export import (
     FORMAT,
     ExportError,
@@ -24,7 +24,7 @@ from bus.audit_export import (
 )
 from bus.codec import Codec
 from bus.constants import topic
-from bus.db import Database
+from bus.db import SqliteDatabase
 from bus.envelope import SUBJECT_OF, Envelope, new_id, now_ms
 from bus.models import ErrorReport, Message
 from bus.settings import BusSettings
@@ -103,7 +103,7 @@ def report_about(correlation: str) -> ErrorReport:
     return samples.error_report().model_copy(update={"ref_message_id": correlation})
 
 
-def fill(log: SqliteAuditLog) -> dict[str, str]:
+def fill(log: SqlAuditLog) -> dict[str, str]:
     """A log of 9 entries, four about CLAIM (seq 3, 5, 7, 8) between others' entries; the
     message ids by name."""
     claim = samples.claim()
@@ -129,14 +129,14 @@ def fill(log: SqliteAuditLog) -> dict[str, str]:
 
 @pytest.fixture
 def log(tmp_path: Path) -> Any:
-    db = Database(tmp_path / f"province-{HOST}.sqlite3")
-    audit = SqliteAuditLog(db)
+    db = SqliteDatabase(tmp_path / f"province-{HOST}.sqlite3")
+    audit = SqlAuditLog(db)
     fill(audit)
     yield audit
     db.close()
 
 
-def export(log: SqliteAuditLog, subject: str = CLAIM) -> dict[str, Any]:
+def export(log: SqlAuditLog, subject: str = CLAIM) -> dict[str, Any]:
     return export_subject(log, subject, demo_signer(HOST), now_ms())
 
 
@@ -168,7 +168,7 @@ def flip_hex(text: str) -> str:
 
 
 class TestExport:
-    def test_the_export_of_a_claim_verifies(self, log: SqliteAuditLog) -> None:
+    def test_the_export_of_a_claim_verifies(self, log: SqlAuditLog) -> None:
         doc = export(log)
         report = verify_export(doc, demo_keyring())
         assert report.ok, report.problems
@@ -183,7 +183,7 @@ class TestExport:
         others = [link for link in links(doc) if "entry" not in link]
         assert all(set(link) == {"seq", "digest"} for link in others)  # no content of others
 
-    def test_the_inherited_subject_of_a_report_is_exported(self, log: SqliteAuditLog) -> None:
+    def test_the_inherited_subject_of_a_report_is_exported(self, log: SqlAuditLog) -> None:
         *_, notice, report = full_links(export(log))
         assert report["entry"]["subject"] == CLAIM
         assert report["entry"]["correlation_id"] == notice["entry"]["message_id"]
@@ -194,8 +194,8 @@ class TestExport:
         """A sent record is logged once the broker acknowledged it (bus/outbox.py flushes
         every 50 ms): a fast refusal can be received and logged first. It still belongs to
         the claim, in the log and in the export."""
-        db = Database(tmp_path / "p.sqlite3")
-        log = SqliteAuditLog(db)
+        db = SqliteDatabase(tmp_path / "p.sqlite3")
+        log = SqlAuditLog(db)
         sent = entry(SENT, samples.claim(), at_ms=T0 + 2)
         report = entry(
             RECEIVED, report_about(sent.message_id), at_ms=T0 + 1, correlation=sent.message_id
@@ -215,7 +215,7 @@ class TestExport:
         ]
         assert problems_of(doc) == []
 
-    def test_a_report_answering_another_claim_is_a_problem(self, log: SqliteAuditLog) -> None:
+    def test_a_report_answering_another_claim_is_a_problem(self, log: SqlAuditLog) -> None:
         doc = export(log)
         report = full_links(doc)[3]["entry"]
         stray = entry(RECEIVED, report_about("x"), at_ms=T0, correlation=new_id(), subject=CLAIM)
@@ -228,18 +228,18 @@ class TestExport:
         ]
         assert report["subject"] == CLAIM
 
-    def test_write_and_read_round_trip(self, log: SqliteAuditLog, tmp_path: Path) -> None:
+    def test_write_and_read_round_trip(self, log: SqlAuditLog, tmp_path: Path) -> None:
         doc = export(log)
         path = tmp_path / "e.json"
         write_export(path, doc)
         assert read_export(path) == doc
         assert verify_export(read_export(path), demo_keyring()).ok
 
-    def test_no_entry_about_the_subject_is_an_error(self, log: SqliteAuditLog) -> None:
+    def test_no_entry_about_the_subject_is_an_error(self, log: SqlAuditLog) -> None:
         with pytest.raises(ExportError, match="no entry about C-nobody"):
             export(log, "C-nobody")
 
-    def test_an_altered_log_is_not_exported(self, log: SqliteAuditLog) -> None:
+    def test_an_altered_log_is_not_exported(self, log: SqlAuditLog) -> None:
         [(_, digest)] = log.digests(4, 4)
         with log.db.write() as cur:
             cur.execute("UPDATE audit_log SET digest = ? WHERE seq = 4", (bytes(32),))
@@ -352,7 +352,7 @@ class TestTampering:
     )
     def test_one_changed_byte_fails(
         self,
-        log: SqliteAuditLog,
+        log: SqlAuditLog,
         change: Callable[[dict[str, Any]], None],
         expected: list[str],
     ) -> None:
@@ -365,7 +365,7 @@ class TestTampering:
         for text in expected:
             assert any(text in p for p in problems), (text, problems)
 
-    def test_a_digest_link_removed_from_the_middle_fails(self, log: SqliteAuditLog) -> None:
+    def test_a_digest_link_removed_from_the_middle_fails(self, log: SqlAuditLog) -> None:
         doc = export(log)
         del doc["chain"][3]  # seq 6: another claim's
         problems = problems_of(doc)
@@ -374,14 +374,14 @@ class TestTampering:
         assert len(problems) == 4  # gap, count, end of the links, hash: not one per link
         assert any("chain" in p and "signed head" in p for p in problems), problems
 
-    def test_an_exported_entry_removed_from_the_middle_fails(self, log: SqliteAuditLog) -> None:
+    def test_an_exported_entry_removed_from_the_middle_fails(self, log: SqlAuditLog) -> None:
         doc = export(log)
         del doc["chain"][2]  # seq 5: the review
         problems = problems_of(doc)
         assert any("where 5 follows" in p for p in problems), problems
 
     def test_an_entry_replaced_by_its_digest_still_verifies_but_is_not_shown(
-        self, log: SqliteAuditLog
+        self, log: SqlAuditLog
     ) -> None:
         """Hiding an entry behind its digest keeps the chain whole: the export then simply
         shows fewer records (what an export can and cannot prove)."""
@@ -408,7 +408,7 @@ class TestTampering:
         assert len(report.problems) == 1
         assert "\n" not in report.problems[0]
 
-    def test_broken_parts_are_problems_not_exceptions(self, log: SqliteAuditLog) -> None:
+    def test_broken_parts_are_problems_not_exceptions(self, log: SqlAuditLog) -> None:
         doc = export(log)
         full_links(doc)[0]["entry"]["value"] = "!!not base64!!"
         full_links(doc)[1]["entry"]["headers"] = [["xs-source"]]
@@ -424,8 +424,8 @@ class TestTampering:
 
 class TestKeys:
     def test_a_record_signed_with_a_key_its_source_does_not_own_fails(self, tmp_path: Path) -> None:
-        db = Database(tmp_path / "p.sqlite3")
-        log = SqliteAuditLog(db)
+        db = SqliteDatabase(tmp_path / "p.sqlite3")
+        log = SqlAuditLog(db)
         log.append([entry(SENT, samples.claim(), at_ms=T0)])
         # "from Hebei", but signed with Fujian's key
         log.append(
@@ -438,14 +438,14 @@ class TestKeys:
             "belongs to 350000, not to '130000'"
         ]
 
-    def test_the_head_must_be_signed_by_the_exporting_province(self, log: SqliteAuditLog) -> None:
+    def test_the_head_must_be_signed_by_the_exporting_province(self, log: SqlAuditLog) -> None:
         doc = export_subject(log, CLAIM, demo_signer(HOME), now_ms())  # Hebei signs Hainan's log
         doc["province"] = HOST
         problems = problems_of(doc)
         assert any("belongs to 130000, not 460000" in p for p in problems), problems
 
     def test_old_evidence_verifies_with_a_retired_key_but_not_after_it(
-        self, log: SqliteAuditLog
+        self, log: SqlAuditLog
     ) -> None:
         """No age window: records years old still verify with the key valid when they were
         sent; a head signed after the exporter's key was retired does not."""
@@ -468,20 +468,20 @@ class TestKeys:
 
 
 class TestRetention:
-    def test_prune_before_the_claim_keeps_the_export_verifiable(self, log: SqliteAuditLog) -> None:
+    def test_prune_before_the_claim_keeps_the_export_verifiable(self, log: SqlAuditLog) -> None:
         assert log.prune(T0 + 3) == 2  # seq 1, 2 (others') dropped
         doc = export(log)
         assert doc["anchor"]["seq"] == 2
         assert problems_of(doc) == []
 
-    def test_prune_inside_the_claim_keeps_the_rest_verifiable(self, log: SqliteAuditLog) -> None:
+    def test_prune_inside_the_claim_keeps_the_rest_verifiable(self, log: SqlAuditLog) -> None:
         assert log.prune(T0 + 5) == 4  # the claim package (seq 3) is gone too
         doc = export(log)
         assert doc["anchor"]["seq"] == 4
         assert [link["seq"] for link in full_links(doc)] == [5, 7, 8]
         assert problems_of(doc) == []
 
-    def test_prune_everything_then_append_continues_the_chain(self, log: SqliteAuditLog) -> None:
+    def test_prune_everything_then_append_continues_the_chain(self, log: SqlAuditLog) -> None:
         assert log.prune(T0 + 100) == 9
         assert log.count() == 0
         log.append([entry(SENT, samples.claim(claim_id="C-460100-9"), at_ms=T0 + 101)])
@@ -512,8 +512,8 @@ class TestCommandLine:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         state = tmp_path / "state"
-        db = Database(state / f"province-{HOST}.sqlite3")
-        fill(SqliteAuditLog(db))
+        db = SqliteDatabase(state / f"province-{HOST}.sqlite3")
+        fill(SqlAuditLog(db))
         db.close()
         out = tmp_path / "evidence.json"
 
@@ -566,8 +566,8 @@ class TestCommandLine:
         )
         assert not state.exists()  # nothing created
 
-        db = Database(state / f"province-{HOST}.sqlite3")
-        fill(SqliteAuditLog(db))
+        db = SqliteDatabase(state / f"province-{HOST}.sqlite3")
+        fill(SqlAuditLog(db))
         db.close()
         code, _, err = await run(
             capsys, "audit", "export", "--claim", "C-nobody", "--province", HOST,

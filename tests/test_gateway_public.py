@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from adapters.backoffice import ClaimState, SqliteBackOffice
+from adapters.backoffice import ClaimState, SqlBackOffice
 from adapters.directory import default
 from adapters.fixtures import (
     LAO_ZHANG_HOSPITAL,
@@ -26,7 +26,7 @@ from adapters.fixtures import (
 from adapters.gateway.service import Gateway
 from adapters.gateway.testing import client, gateway_config
 from bus.broker import create_contract_topics
-from bus.db import Database
+from bus.db import SqliteDatabase
 from bus.models import (
     FilingAction,
     FilingChannel,
@@ -366,11 +366,12 @@ def test_back_office_file_from_before_the_public_queries_opens(tmp_path: Path) -
     """A province file whose reviews and filings tables predate the public queries opens
     with the new columns: its old rows read as before, with no person or receipt time."""
     path = tmp_path / "old.sqlite3"
-    old = Database(path)
+    old = SqliteDatabase(path)
     old.migrate(
+        "old-tables",
         "CREATE TABLE reviews (claim_id TEXT PRIMARY KEY, request_id TEXT, data TEXT, host TEXT);"
         "CREATE TABLE home_filings (seq INTEGER PRIMARY KEY AUTOINCREMENT, filing_id TEXT, "
-        "person_id TEXT, data TEXT, receipt TEXT);"
+        "person_id TEXT, data TEXT, receipt TEXT);",
     )
     claim = lao_zhang_claim()
     result = ReviewResult(
@@ -394,7 +395,7 @@ def test_back_office_file_from_before_the_public_queries_opens(tmp_path: Path) -
             ("F-130100-OLD", PID, filing.model_dump_json(), "REGISTERED"),
         )
     old.close()
-    office = SqliteBackOffice(path)
+    office = SqlBackOffice(path)
     try:
         assert office.review_of(claim.claim_id) == ("req-1", result)
         assert office.reviews_of(PID) == []

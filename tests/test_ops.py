@@ -35,7 +35,7 @@ from bus.ops import (
     replay,
 )
 from bus.settings import BusSettings
-from bus.store import OPEN, PENDING, Obligation, OutRecord, PendingRequest, SqliteStore
+from bus.store import OPEN, PENDING, Obligation, OutRecord, PendingRequest, SqlStore
 from schemas import SCHEMA_DIR
 from simulators import samples
 from simulators.cli import build_parser
@@ -302,7 +302,7 @@ class TestPending:
     def test_what_we_owe_is_listed_overdue_first(self, tmp_path: Path) -> None:
         """Deferred answers this province owes are listed by requester, overdue first,
         with the person's key masked; answered ones are not listed."""
-        store = SqliteStore(tmp_path / "province-130000.sqlite3")
+        store = SqlStore(tmp_path / "province-130000.sqlite3")
         now = 10_000_000
         for rid, source, deadline in (
             ("late-one", "460000", now - 1_000),
@@ -326,7 +326,7 @@ class TestPending:
 
     def test_overdue_first_then_near_then_waiting(self, tmp_path: Path) -> None:
         """Overdue requests come first, then those within 10 % of their window or 60 s."""
-        store = SqliteStore(tmp_path / "bus-130000.sqlite3")
+        store = SqlStore(tmp_path / "bus-130000.sqlite3")
         now = 10_000_000
         cases = {
             "overdue": (now - 100_000, now - 1_000),  # deadline passed
@@ -373,7 +373,7 @@ class TestConsoleHelpers:
     ) -> None:
         """The console lists what we wait for by the province that owes the answer and what
         we owe by the province that asked, overdue groups first, oldest request first."""
-        store = SqliteStore(tmp_path / "province-130000.sqlite3")
+        store = SqlStore(tmp_path / "province-130000.sqlite3")
         now = now_ms()
         for mid, target, sent, deadline in (
             ("to-hainan-new", "460000", now - 5_000, now + 3_600_000),

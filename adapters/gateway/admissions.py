@@ -52,7 +52,7 @@ class AdmissionBook:
     def __init__(self, db: Database, province: str) -> None:
         self.db = db
         self.province = province
-        db.migrate(SCHEMA)
+        db.migrate("gateway-admissions/1", SCHEMA)
 
     def add(self, admission: Admission) -> StoredAdmission:
         """Keep an admission; returns it with its new id (``A-<province>-<13 hex>``)."""

@@ -48,14 +48,18 @@ async def healthz(ctx: GatewayContext = Depends(context)) -> Liveness:
 
 def setup(app: FastAPI, ctx: GatewayContext) -> None:
     """The heartbeat table ``/readyz`` writes to, made once."""
-    ctx.system.db.migrate(_HEARTBEAT)
+    ctx.system.db.migrate("gateway-heartbeat/1", _HEARTBEAT)
 
 
 def _store_writable(ctx: GatewayContext) -> str | None:
     db = ctx.system.db
     try:
         with db.write() as cur:
-            cur.execute("INSERT OR REPLACE INTO gateway_heartbeat VALUES (1, ?)", (now_ms(),))
+            cur.execute(
+                "INSERT INTO gateway_heartbeat VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET "
+                "at_ms = excluded.at_ms",
+                (now_ms(),),
+            )
     except Exception as exc:  # any failure to write is the answer
         return str(exc)[:200]
     return None

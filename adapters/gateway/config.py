@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from adapters.directory import TomlLocator
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S
 from adapters.review_desk import REVIEW_PERIOD_S
+from bus.pg import masked_url
 from bus.settings import ENV_PREFIX, BusSettings
 
 ROLES: Final = ("agency", "hospital", "reviewer", "ops")
@@ -218,6 +219,8 @@ class LoadedConfig:
             value = getattr(cfg.bus, name)
             if name == "state_dir":
                 continue  # the gateway's state_dir
+            if name == "database_url" and value is not None:
+                value = masked_url(value)  # the password hidden, where the database shown
             line(("bus", name), value, secret=isinstance(value, SecretStr))
         return "\n".join(out) + "\n"
 

@@ -6,7 +6,7 @@ must be quick); its money is already in yuan strings (``bus.models.yuan``), its 
 never there. Two come with the adapters:
 
 - :func:`settlement_stats_panel`: settlements by province pair and month, in yuan, from
-  ``SqliteBackOffice.settlement_stats`` of each host;
+  ``SqlBackOffice.settlement_stats`` of each host;
 - :func:`overdue_claims_panel`: the host's claims that passed their deadline with no answer
   (OVERDUE), oldest first, with the home province and how long.
 """
@@ -56,7 +56,7 @@ PanelSource = Callable[[], Panel]
 
 
 class SettlementStats(Protocol):
-    """What the statistics panel needs of a host back office (``SqliteBackOffice``)."""
+    """What the statistics panel needs of a host back office (``SqlBackOffice``)."""
 
     def settlement_stats(self, host: str) -> list[dict[str, object]]:
         """Rows ``{home, host, month, settlements, total_fen, fund_fen}``."""
