@@ -495,7 +495,8 @@ class ReviewDesk:
     def _load(self, claim_id: str) -> _Row:
         # Locked until the decision commits: a second decision on another instance waits,
         # then finds it decided.
-        rows = self.db.query(_SELECT + " WHERE claim_id = ?" + self.db.for_update, (claim_id,))
+        lock = self.db.for_update if self.db.current() is not None else ""
+        rows = self.db.query(_SELECT + " WHERE claim_id = ?" + lock, (claim_id,))
         if not rows:
             raise UnknownReview(f"no review of claim {claim_id} at {self.node.province}'s desk")
         return _row(rows[0])

@@ -176,8 +176,13 @@ def claim_no(n: int, mode: SettlementMode = SettlementMode.DELAYED, **kw: Any) -
     return lao_zhang_claim(mode, claim_id=f"C-{HAINAN}-2017-{n:06d}", **kw)
 
 
-@pytest.fixture
-def home(tmp_path: Path, settings: BusSettings) -> Iterator[Home]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def home(request: pytest.FixtureRequest, tmp_path: Path, settings: BusSettings) -> Iterator[Home]:
+    """Hebei's home with a desk, its state on each backend (the SQLite file; a fresh
+    PostgreSQL database)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        settings = settings.model_copy(update={"database_url": url})
     made = Home(tmp_path, settings, ReviewDeskSettings())
     made.enrol()
     yield made
@@ -796,3 +801,32 @@ async def test_acknowledged_at_once_decided_after_both_sides_restarted(
     sent = await pair.results_on_the_wire(1)
     assert len({hdr(r, H_MESSAGE_ID) for r in sent}) == 1
     assert [r.claim_id for r in pair.home.backoffice.reviews()] == [claim.claim_id]
+
+
+class TestTwoInstances:
+    """Two instances of Hebei (two processes' worth: two pools, two instance names) on one
+    PostgreSQL database: the desk is one desk."""
+
+    async def test_a_review_decided_on_one_instance_is_answered_once(
+        self, tmp_path: Path, settings: BusSettings, postgres_url: str
+    ) -> None:
+        shared = settings.model_copy(update={"database_url": postgres_url})
+        a = Home(tmp_path / "a", shared, ReviewDeskSettings())
+        b = Home(tmp_path / "b", shared, ReviewDeskSettings())
+        try:
+            a.enrol()
+            claim = claim_no(7)
+            await a.deliver(claim)
+            assert [r.claim_id for r in b.desk.open_reviews()] == [claim.claim_id]
+            decided = await b.desk.adjust(claim.claim_id, [("T018", 500_000, "R", "")], "li")
+            with pytest.raises(ReviewClosed, match="decided already by li"):
+                await a.desk.approve(claim.claim_id, "wang")
+            assert a.desk.open_reviews() == []
+            # One answer in the shared outbox, owned by the instance that decided.
+            assert [m for _, m in b.answers()] == [decided]
+            assert a.answers() == []
+            usage = a.system.backoffice.year_usage(LAO_ZHANG_PERSON_ID, YEAR)
+            assert usage.fund_used_fen == decided.fund_fen
+        finally:
+            a.system.close()
+            b.system.close()
