@@ -93,6 +93,16 @@ def pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def probe_database(url: str, timeout_s: float = 5.0) -> str | None:
+    """None if the database at ``url`` answers, else why not (one line)."""
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, int(timeout_s))) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return _first_line(exc)
+    return None
+
+
 class _Cursor:
     """A psycopg cursor speaking ``?`` placeholders (the :class:`bus.db.Cursor` subset)."""
 

@@ -23,6 +23,7 @@ FLAGS = {
     "host": ("http", "host"),
     "port": ("http", "port"),
     "bootstrap": ("bus", "bootstrap"),
+    "database_url": ("bus", "database_url"),
 }
 """Command-line flags (argparse dest) → the setting they override."""
 
@@ -74,6 +75,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", help="HTTP address (http.host)")
     p.add_argument("--port", help="HTTP port (http.port)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (bus.bootstrap)")
+    p.add_argument(
+        "--database-url", dest="database_url",
+        help="PostgreSQL database of the province's state, shared by its instances "
+        "(bus.database_url; default: a SQLite file in the state folder)",
+    )  # fmt: skip
     p.add_argument(
         "--print-config",
         action="store_true",

@@ -3,6 +3,7 @@ flags; one clear line and exit code 2 for what cannot run; secrets never printed
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -193,6 +194,34 @@ class TestRefusals:
         assert [a.split("attempt=")[1].split()[0] for a in attempts] == ["1/3", "2/3", "3/3"]
         assert lines[-1] == f"xsettle gateway: broker 127.0.0.1:{port} unreachable after 3 tries"
         assert len(lines) == 4  # one per try and the refusal: no client noise
+
+    async def test_unreachable_database_is_tried_a_bounded_number_of_times(
+        self, tmp_path: Path, broker: str
+    ) -> None:
+        env = {"XSETTLE_START_ATTEMPTS": "2", "XSETTLE_START_BACKOFF_S": "0.1"}
+        url = f"postgresql://xs:s3cret@/xsettle_130000?host={tmp_path}"  # no server there
+        done = await asyncio.to_thread(
+            xsettle, "gateway", "--config", str(good(tmp_path)), "--port", "0",
+            "--bootstrap", broker, "--database-url", url, env=env,
+        )  # fmt: skip
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        attempts = [line for line in lines if "database_unreachable" in line]
+        assert [a.split("attempt=")[1].split()[0] for a in attempts] == ["1/2", "2/2"]
+        assert lines[-1] == (
+            f"xsettle gateway: database postgresql://xs:***@/xsettle_130000?host={tmp_path} "
+            "unreachable after 2 tries (bus.database_url)"
+        )
+        assert "s3cret" not in done.stderr
+
+    def test_print_config_shows_the_database_without_its_password(self, tmp_path: Path) -> None:
+        done = xsettle(
+            "gateway", "--config", str(good(tmp_path)), "--print-config",
+            env={"XSETTLE_DATABASE_URL": "postgresql://xs:s3cret@db:5432/xsettle_130000"},
+        )  # fmt: skip
+        assert done.returncode == 0
+        assert 'database_url = "postgresql://xs:***@db:5432/xsettle_130000"' in done.stdout
+        assert "s3cret" not in done.stdout
 
     def test_print_config_exits_zero_without_secrets(self, tmp_path: Path) -> None:
         done = xsettle(

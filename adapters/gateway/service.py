@@ -39,6 +39,7 @@ from adapters.gateway.app import GatewayContext, create_app
 from adapters.gateway.config import ROLES, GatewayConfig
 from adapters.province import ProvinceSystem
 from adapters.review_desk import ReviewDeskSettings
+from bus.pg import masked_url, probe_database
 from bus.transport import unreachable
 
 log = structlog.get_logger(__name__)
@@ -205,6 +206,7 @@ class Gateway:
         self._sock = bind(cfg.http.host, cfg.http.port)
         try:
             await self._wait_for_broker(bootstrap)
+            await self._wait_for_database()
             desk = cfg.review_desk
             system = ProvinceSystem(
                 cfg.province,
@@ -271,6 +273,34 @@ class Gateway:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, self.config.start_backoff_s * 4)
         raise GatewayRefused(f"broker {bootstrap} unreachable after {attempts} tries")
+
+    async def _wait_for_database(self) -> None:
+        """With ``bus.database_url``: reach PostgreSQL as the broker is reached, a bounded
+        number of tries with one line each (the database may start after the gateway)."""
+        url = self.config.bus.database_url
+        if not url:
+            return
+        attempts = self.config.start_attempts
+        pause = self.config.start_backoff_s
+        for attempt in range(1, attempts + 1):
+            why = await asyncio.to_thread(
+                probe_database, url.replace("{province}", self.config.province)
+            )
+            if why is None:
+                return
+            log.warning(
+                "database_unreachable",
+                database=masked_url(url),
+                attempt=f"{attempt}/{attempts}",
+                error=why,
+                next_try_s=pause if attempt < attempts else None,
+            )
+            if attempt < attempts:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.start_backoff_s * 4)
+        raise GatewayRefused(
+            f"database {masked_url(url)} unreachable after {attempts} tries (bus.database_url)"
+        )
 
     async def stop(self) -> None:
         """Drain and stop: no new HTTP requests, those in flight finish, the node drains and
