@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from adapters.rules import YearUsage
-from bus.db import Cursor, Database, SqliteDatabase
+from bus.db import Cursor, Database, open_database
 from bus.envelope import now_ms
 from bus.models import (
     ClaimPackage,
@@ -428,7 +428,7 @@ class SqlBackOffice:
     """
 
     def __init__(self, db: Database | Path | str) -> None:
-        self.db = db if isinstance(db, Database) else SqliteDatabase(db)
+        self.db = db if isinstance(db, Database) else open_database(db)
         self.db.migrate("backoffice/1", _SCHEMA)
         self.db.migrate("backoffice/2-claim-timeline", _CLAIM_TIMELINE_SCHEMA)
         for table, columns in _ADDED_COLUMNS.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bus.audit import AuditLog, SqlAuditLog
-from bus.db import Cursor, Database, SqliteDatabase, Step, dump_headers, load_headers
+from bus.db import Cursor, Database, Step, dump_headers, load_headers, open_database
 from bus.errors import StoreError
 from bus.transport import Headers
 
@@ -428,7 +428,7 @@ class SqlStore:
     shares so one step covers both."""
 
     def __init__(self, db: Database | Path | str) -> None:
-        self.db = db if isinstance(db, Database) else SqliteDatabase(db)
+        self.db = db if isinstance(db, Database) else open_database(db)
         self.path = self.db.path
         self.db.migrate("store/1", _SCHEMA)
         for table, columns in _ADDED_COLUMNS.items():

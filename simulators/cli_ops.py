@@ -40,6 +40,8 @@ from bus.ops import (
     pending_summary,
     replay,
 )
+from bus.pg import masked_url
+from bus.settings import BusSettings
 from bus.store import SqlStore, Store
 from simulators.cli import add_bootstrap, settings_from
 
@@ -237,9 +239,31 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(province: str | None, command: str) -> str | None:
+    """``XSETTLE_DATABASE_URL`` for ``province`` (None: unset); exits with one line when it
+    names one database per province and no ``--province`` was given."""
+    url = BusSettings.from_env().database_url
+    if url is None:
+        return None
+    if "{province}" in url:
+        if province is None:
+            print(
+                f"xsettle ops {command}: XSETTLE_DATABASE_URL has one database per province: "
+                "give --province",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        url = url.replace("{province}", province)
+    return url
+
+
 def _stores(state_dir: Path, province: str | None) -> dict[str, Store] | None:
     """The stores in a state folder: a province's database (``province-P.sqlite3``), or a
-    bare node's (``bus-P.sqlite3``)."""
+    bare node's (``bus-P.sqlite3``); with ``XSETTLE_DATABASE_URL``, the province's PostgreSQL
+    database."""
+    url = _database_url(province, "pending")
+    if url is not None:
+        return {province or masked_url(url): SqlStore(url)}
     pattern = f"*-{province}.sqlite3" if province else "*-*.sqlite3"
     files = {
         f.stem.split("-", 1)[1]: f
@@ -321,8 +345,12 @@ _CLAIM_ORDER = {
 """Open claims first, the ones someone must act on first; closed claims after."""
 
 
-def _province_db(state_dir: Path, province: str) -> Path | None:
-    """The province's database in ``state_dir`` (or in ``state_dir/<province>``)."""
+def _province_db(state_dir: Path, province: str) -> Path | str | None:
+    """The province's database: ``XSETTLE_DATABASE_URL`` when set, else its file in
+    ``state_dir`` (or in ``state_dir/<province>``)."""
+    url = _database_url(province, "claims")
+    if url is not None:
+        return url
     for path in (
         state_dir / f"province-{province}.sqlite3",
         state_dir / province / f"province-{province}.sqlite3",
