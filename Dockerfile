@@ -2,7 +2,7 @@
 #   docker build -t xsettle:0.1.0 .
 #   docker run --rm -e XSETTLE_BOOTSTRAP=host:9092 xsettle:0.1.0 xsettle demo --bootstrap host:9092
 # Health of a gateway without curl (not in this image): python's urllib on /readyz, as the
-# gateway-<code> services of docker-compose.yml do.
+# gateway-<code>-a and -b services of docker-compose.yml do.
 # No ENTRYPOINT: the command is always spelled out in full, starting with `xsettle`.
 FROM python:3.11.11-slim-bookworm
 

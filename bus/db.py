@@ -198,15 +198,16 @@ class SqliteDatabase(Database):
                 raise StoreError(f"{self.path}: cannot create tables: {exc}") from exc
 
     def migrate(self, name: str, script: str) -> None:
-        # Every open runs the script (``IF NOT EXISTS``): files older than the migrations
-        # table have the tables but no record of them.
-        self._script(script)
-        with self.write() as cur:
-            cur.execute(
-                "INSERT INTO xsettle_migrations (name, applied_at_ms) VALUES (?, ?) "
-                "ON CONFLICT (name) DO NOTHING",
-                (name, int(time.time() * 1000)),
-            )
+        # Files older than the migrations table have the tables but no record of them: the
+        # scripts say ``IF NOT EXISTS``. Applied once, it is not run again (a script runs
+        # outside any step: a second call while a step is open must not touch it).
+        if self.query("SELECT 1 FROM xsettle_migrations WHERE name = ?", (name,)):
+            return
+        quoted = name.replace("'", "''")
+        self._script(
+            f"{script};\nINSERT INTO xsettle_migrations (name, applied_at_ms) VALUES "
+            f"('{quoted}', {int(time.time() * 1000)}) ON CONFLICT (name) DO NOTHING;"
+        )
 
     def add_columns(self, table: str, columns: dict[str, str]) -> None:
         with self._lock:

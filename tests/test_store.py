@@ -32,6 +32,7 @@ from bus.store import (
     PendingRequest,
     SqlStore,
 )
+from simulators.cli import build_parser
 
 RECORD = OutRecord("xsettle.claim.130000", b"k", b"\x00\x01value", (("xs-message-id", b"m"),))
 
@@ -360,3 +361,35 @@ class TestPostgresOnly:
             PostgresDatabase(f"postgresql://nobody@/x?host={tmp_path}&connect_timeout=1")
         assert "\n" not in str(info.value)
         assert "cannot open the database" in str(info.value)
+
+
+class TestOpsReadsTheDatabase:
+    """``xsettle ops claims`` and ``ops pending`` read a province's PostgreSQL database when
+    ``XSETTLE_DATABASE_URL`` says where it is (no state folder on the operator's machine)."""
+
+    async def test_ops_claims_by_url(
+        self, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        db = PostgresDatabase(postgres_url)
+        try:
+            office = SqlBackOffice(db)
+            claim = lao_zhang_claim()
+            async with db.step():
+                office.save_claim(HostClaim(claim, "req-1", ClaimState.OVERDUE))
+        finally:
+            db.close()
+        parser = build_parser()
+        monkeypatch.setenv("XSETTLE_DATABASE_URL", postgres_url)
+        args = parser.parse_args(["ops", "claims", "--province", "460000", "--state-dir", "none"])
+        assert await args.run(args) == 0
+        assert claim.claim_id in capsys.readouterr().out
+        template = postgres_url.rsplit("/", 1)[0] + "/xsettle_{province}"
+        monkeypatch.setenv("XSETTLE_DATABASE_URL", template)
+        args = parser.parse_args(["ops", "pending", "--state-dir", "none"])
+        with pytest.raises(SystemExit) as stopped:
+            await args.run(args)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            "xsettle ops pending: XSETTLE_DATABASE_URL has one database per province: "
+            "give --province"
+        )

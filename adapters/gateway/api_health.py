@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from adapters.gateway.app import GatewayContext, context
+from bus.db import Database
 from bus.envelope import now_ms
 
 router = APIRouter(tags=["health"])
@@ -48,7 +49,12 @@ async def healthz(ctx: GatewayContext = Depends(context)) -> Liveness:
 
 def setup(app: FastAPI, ctx: GatewayContext) -> None:
     """The heartbeat table ``/readyz`` writes to, made once."""
-    ctx.system.db.migrate("gateway-heartbeat/1", _HEARTBEAT)
+    migrate_heartbeat(ctx.system.db)
+
+
+def migrate_heartbeat(db: Database) -> None:
+    """Make the heartbeat table (before the node starts: the gateway does)."""
+    db.migrate("gateway-heartbeat/1", _HEARTBEAT)
 
 
 def _store_writable(ctx: GatewayContext) -> str | None:

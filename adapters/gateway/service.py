@@ -35,6 +35,7 @@ from fastapi import FastAPI
 
 from adapters.directory import Directory, DirectoryError
 from adapters.gateway.admissions import AdmissionBook
+from adapters.gateway.api_health import migrate_heartbeat
 from adapters.gateway.app import GatewayContext, create_app
 from adapters.gateway.config import ROLES, GatewayConfig
 from adapters.province import ProvinceSystem
@@ -223,16 +224,16 @@ class Gateway:
                 if desk.enabled
                 else None,
             )
+            # Tables made before the node runs: no step is open while a migration runs.
+            admissions = AdmissionBook(system.db, cfg.province)
+            migrate_heartbeat(system.db)
             await system.start()
         except BaseException:
             self._sock.close()
             self._sock = None
             raise
         self.ctx = GatewayContext(
-            config=cfg,
-            system=system,
-            directory=directory,
-            admissions=AdmissionBook(system.db, cfg.province),
+            config=cfg, system=system, directory=directory, admissions=admissions
         )
         app = self._app = create_app(self.ctx)
         if self.ctx.console is not None:  # it watches the broker from now on for /readyz

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Bearer tokens of the province gateways of docker-compose.yml: run once on your machine, like
-# deploy/kafka/make-certs.sh, before `docker compose up gateway-<code>`.
+# deploy/kafka/make-certs.sh, before `docker compose up gateway-<code>-a gateway-<code>-b`.
 #
 #   deploy/gateway/make-tokens.sh             # a token per role for every <code>.toml here
 #   deploy/gateway/make-tokens.sh 460000      # only these provinces
@@ -12,13 +12,15 @@
 #                           hospital, reviewer and ops: give each to the systems of that role.
 #                           They are kept nowhere else: not printed, not in compose.
 #   secrets/<code>.env      XSETTLE_TOKENS_<ROLE>=sha256:<hex> one a line: the env_file of
-#                           the gateway-<code> service. The gateway keeps only these hashes.
+#                           the services gateway-<code>-a and -b. The gateways keep only
+#                           these hashes.
 #
 # Run again, it keeps every token and makes only the missing ones (a new province, a role
 # without a token) and writes the .env files again from the .tokens files. To replace one
 # token, delete its line from <code>.tokens, run again, then `docker compose up -d
-# gateway-<code>` (compose recreates the container with the new hashes). Tokens are 32 random
-# bytes in URL-safe base64 (43 characters), as `xsettle gateway --new-token ROLE` makes them.
+# gateway-<code>-a gateway-<code>-b` (compose recreates the containers with the new hashes).
+# Tokens are 32 random bytes in URL-safe base64 (43 characters), as `xsettle gateway
+# --new-token ROLE` makes them.
 # Needs a POSIX sh and openssl (OpenSSL or LibreSSL).
 set -eu
 
