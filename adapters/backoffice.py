@@ -25,6 +25,8 @@ from bus.models import (
     FilingStatus,
     FilingUpload,
     InsuranceType,
+    ReversalDecision,
+    ReversalResult,
     ReviewResult,
     SettlementNotice,
 )
@@ -62,6 +64,7 @@ class ClaimState(StrEnum):
     any open            review (late ones too)                       SETTLED
     any open            error report                                 REFUSED
     OVERDUE, FALLBACK   operator close                               CLOSED_BY_OPERATOR
+    SETTLED             reversal confirmed by the home               REVERSED
     ==================  ===========================================  ==========================
 
     The values are stored: ``SUBMITTED`` keeps the value ``"AWAITING_REVIEW"`` of older files
@@ -85,9 +88,14 @@ class ClaimState(StrEnum):
     CLOSED_BY_OPERATOR = "CLOSED_BY_OPERATOR"
     """Closed by an operator's decision without a review (terminal; see
     :class:`CloseDecision`)."""
+    REVERSED = "REVERSED"
+    """Settled, then cancelled by a reversal the home confirmed (冲正, contract v1.3): the
+    patient's payments given back, the home's funds owe nothing for it (terminal)."""
 
 
-TERMINAL_STATES = frozenset({ClaimState.SETTLED, ClaimState.REFUSED, ClaimState.CLOSED_BY_OPERATOR})
+TERMINAL_STATES = frozenset(
+    {ClaimState.SETTLED, ClaimState.REFUSED, ClaimState.CLOSED_BY_OPERATOR, ClaimState.REVERSED}
+)
 
 
 class CloseDecision(StrEnum):
@@ -116,6 +124,10 @@ class ClaimEventKind(StrEnum):
     ANSWER_IGNORED = "answer_ignored"
     """An answer came for a claim already closed (late, or to a re-send)."""
     CLOSED_BY_OPERATOR = "closed_by_operator"
+    REVERSAL_REQUESTED = "reversal_requested"
+    REVERSED = "reversed"
+    REVERSAL_REFUSED = "reversal_refused"
+    """The home refused the reversal (or answered it with an error): the settlement stands."""
 
 
 EventData = dict[str, str | int | None]
@@ -181,6 +193,19 @@ class HostClaim:
     """Why, in the operator's words."""
     closed_by: str | None = None
     """The operator who closed it."""
+    reviewed_request_id: str | None = None
+    """The request whose answer settled it (the first send, or a re-send)."""
+    settled_at_ms: int | None = None
+    """When it was settled with the patient."""
+    reversal_id: str | None = None
+    """The latest reversal asked for (``V-<code>-…``), if any."""
+    reversal_request_id: str | None = None
+    """The ``xs-message-id`` of that reversal's request."""
+    reversal_state: str | None = None
+    """``REQUESTED``, ``CONFIRMED``, ``REFUSED:<code>`` or ``FAILED:<code>`` (an error
+    report, or no answer by the deadline)."""
+    reversal_reason: str | None = None
+    """Why, as asked (a :class:`bus.models.ReversalReason` value)."""
 
     @property
     def requests(self) -> tuple[str, ...]:
@@ -222,6 +247,25 @@ class PersonReview:
     """The host's settlement notice, once come."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReviewRecord:
+    """A review as the home keeps it: what a reversal is checked against and gives back."""
+
+    request_id: str
+    """The request the review answered."""
+    result: ReviewResult
+    """The review as answered."""
+    person_id: str | None
+    """Whose claim (None in rows older than the column)."""
+    year: int | None
+    """The year whose caps it counted against (None in old rows)."""
+    host: str | None
+    """The host province that sent the claim."""
+    spent: YearUsage
+    """What it added to the person's year (old rows: its fund, critical-illness and
+    assistance shares; their eligible co-payment was not kept)."""
+
+
 class HomeBackOffice(Protocol):
     """The home agency's systems (参保地经办机构)."""
 
@@ -256,13 +300,30 @@ class HomeBackOffice(Protocol):
         usage: YearUsage,
         *,
         host: str,
+        spent: YearUsage | None = None,
     ) -> tuple[str, ReviewResult]:
         """Store a review of ``host``'s claim and the person's new usage atomically; if the
         claim was reviewed before, change nothing and return the earlier (request id,
-        result)."""
+        result). ``spent``: what the review added to the year (kept for a reversal)."""
 
     def record_settlement(self, notice: SettlementNotice) -> None:
         """The host closed a claim (basis of monthly clearing)."""
+
+    def review_record(self, claim_id: str) -> ReviewRecord | None:
+        """The review of a claim, with whose it was and what it added to the year."""
+
+    def reversal(self, reversal_id: str) -> ReversalResult | None:
+        """The answer given to a reversal id, if any (a reversal is answered once)."""
+
+    def confirmed_reversal_of(self, claim_id: str) -> ReversalResult | None:
+        """The reversal that cancelled the claim, if one did."""
+
+    def record_reversal(
+        self, result: ReversalResult, *, host: str, usage: tuple[str, int, YearUsage] | None
+    ) -> ReversalResult:
+        """Keep the answer to a reversal and, when confirmed, the person's year after it
+        (person id, year, usage), atomically; a reversal id answered before keeps its first
+        answer, which is returned."""
 
 
 class HostBackOffice(Protocol):
@@ -342,10 +403,17 @@ timelines (added in 1.2: created beside the tables of older files)."""
 
 _ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "home_filings": {"receipt_at_ms": "INTEGER"},
-    "reviews": {"person_id": "TEXT", "year": "INTEGER"},
+    "reviews": {"person_id": "TEXT", "year": "INTEGER", "spent": "TEXT"},
 }
 """Columns added for the gateway's queries (when a filing's receipt came; whose claim a review
 was, and its year): added to older files at open, NULL in their old rows."""
+
+_REVERSALS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reversals (reversal_id TEXT PRIMARY KEY, claim_id TEXT NOT NULL,
+    host TEXT, decision TEXT NOT NULL, data TEXT NOT NULL, at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS reversals_claim ON reversals (claim_id, decision);
+"""
+"""The home's answers to reversals (contract v1.3), one per reversal id."""
 
 _PUBLIC_QUERY_SCHEMA = """
 CREATE INDEX IF NOT EXISTS home_filings_id ON home_filings (filing_id);
@@ -373,6 +441,12 @@ def _dump_claim(c: HostClaim) -> str:
             "close_decision": c.close_decision.value if c.close_decision else None,
             "close_reason": c.close_reason,
             "closed_by": c.closed_by,
+            "reviewed_request_id": c.reviewed_request_id,
+            "settled_at_ms": c.settled_at_ms,
+            "reversal_id": c.reversal_id,
+            "reversal_request_id": c.reversal_request_id,
+            "reversal_state": c.reversal_state,
+            "reversal_reason": c.reversal_reason,
         }
     )
 
@@ -398,6 +472,12 @@ def _load_claim(text: str) -> HostClaim:
         close_decision=CloseDecision(decision) if decision else None,
         close_reason=d.get("close_reason"),
         closed_by=d.get("closed_by"),
+        reviewed_request_id=d.get("reviewed_request_id"),
+        settled_at_ms=d.get("settled_at_ms"),
+        reversal_id=d.get("reversal_id"),
+        reversal_request_id=d.get("reversal_request_id"),
+        reversal_state=d.get("reversal_state"),
+        reversal_reason=d.get("reversal_reason"),
     )
 
 
@@ -434,6 +514,7 @@ class SqlBackOffice:
         for table, columns in _ADDED_COLUMNS.items():
             self.db.add_columns(table, columns)
         self.db.migrate("backoffice/3-public-queries", _PUBLIC_QUERY_SCHEMA)
+        self.db.migrate("backoffice/4-reversals", _REVERSALS_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[Cursor]:
@@ -552,6 +633,7 @@ class SqlBackOffice:
         usage: YearUsage,
         *,
         host: str,
+        spent: YearUsage | None = None,
     ) -> tuple[str, ReviewResult]:
         with self._tx() as cur:
             self.db.lock(f"review:{claim_id}")
@@ -561,16 +643,77 @@ class SqlBackOffice:
             if row is not None:
                 return str(row[0]), ReviewResult.model_validate_json(row[1])
             cur.execute(
-                "INSERT INTO reviews (claim_id, request_id, data, host, person_id, year) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (claim_id, request_id, result.model_dump_json(), host, person_id, year),
-            )
+                "INSERT INTO reviews (claim_id, request_id, data, host, person_id, year, spent) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (claim_id, request_id, result.model_dump_json(), host, person_id, year,
+                 spent.model_dump_json() if spent is not None else None),
+            )  # fmt: skip
             cur.execute(
                 "INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (person_id, year) DO UPDATE SET "
                 "data = excluded.data",
                 (person_id, year, usage.model_dump_json()),
             )
         return request_id, result
+
+    def review_record(self, claim_id: str) -> ReviewRecord | None:
+        rows = self._all(
+            "SELECT request_id, data, person_id, year, host, spent FROM reviews "  # noqa: S608
+            "WHERE claim_id = ?" + self._locking(),
+            (claim_id,),
+        )
+        if not rows:
+            return None
+        request_id, data, person_id, year, host, spent = rows[0]
+        result = ReviewResult.model_validate_json(data)
+        return ReviewRecord(
+            request_id=str(request_id),
+            result=result,
+            person_id=None if person_id is None else str(person_id),
+            year=None if year is None else int(year),
+            host=None if host is None else str(host),
+            spent=YearUsage.model_validate_json(spent)
+            if spent
+            else YearUsage(
+                fund_used_fen=result.fund_fen,
+                critical_illness_used_fen=result.critical_illness_fen,
+                assistance_used_fen=result.assistance_fen,
+            ),
+        )
+
+    def reversal(self, reversal_id: str) -> ReversalResult | None:
+        rows = self._all("SELECT data FROM reversals WHERE reversal_id = ?", (reversal_id,))
+        return ReversalResult.model_validate_json(rows[0][0]) if rows else None
+
+    def confirmed_reversal_of(self, claim_id: str) -> ReversalResult | None:
+        rows = self._all(
+            "SELECT data FROM reversals WHERE claim_id = ? AND decision = ?",
+            (claim_id, ReversalDecision.CONFIRMED.value),
+        )
+        return ReversalResult.model_validate_json(rows[0][0]) if rows else None
+
+    def record_reversal(
+        self, result: ReversalResult, *, host: str, usage: tuple[str, int, YearUsage] | None
+    ) -> ReversalResult:
+        with self._tx() as cur:
+            self.db.lock(f"reversal:{result.claim_id}")
+            row = cur.execute(
+                "SELECT data FROM reversals WHERE reversal_id = ?", (result.reversal_id,)
+            ).fetchone()
+            if row is not None:
+                return ReversalResult.model_validate_json(row[0])
+            cur.execute(
+                "INSERT INTO reversals VALUES (?, ?, ?, ?, ?, ?)",
+                (result.reversal_id, result.claim_id, host, result.decision.value,
+                 result.model_dump_json(), now_ms()),
+            )  # fmt: skip
+            if usage is not None:
+                person_id, year, after = usage
+                cur.execute(
+                    "INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (person_id, year) DO UPDATE "
+                    "SET data = excluded.data",
+                    (person_id, year, after.model_dump_json()),
+                )
+        return result
 
     def reviewed_for(self, claim_id: str) -> str | None:
         rows = self._all("SELECT host FROM reviews WHERE claim_id = ?", (claim_id,))
@@ -602,7 +745,9 @@ class SqlBackOffice:
                 result=ReviewResult.model_validate_json(data),
                 settlement=None if notice is None else SettlementNotice.model_validate_json(notice),
             )
-            for claim_id, host, y, data, notice in self._all(sql + " ORDER BY r.rowid", args)
+            for claim_id, host, y, data, notice in self._all(
+                sql + f" ORDER BY {self.db.json_text('r.data', 'reviewed_at')}, r.claim_id", args
+            )
         ]
 
     def record_settlement(self, notice: SettlementNotice) -> None:

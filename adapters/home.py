@@ -21,10 +21,19 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
-from adapters.backoffice import HomeBackOffice, Person
+from adapters.backoffice import HomeBackOffice, Person, ReviewRecord
 from adapters.directory import Directory, province_of
 from adapters.review_desk import ReviewDesk, ReviewDeskSettings
-from adapters.rules import add_usage, check_amounts, review, review_result, spent
+from adapters.rules import (
+    REVERSAL_WINDOW_DAYS,
+    ReversalRefusal,
+    add_usage,
+    check_amounts,
+    remove_usage,
+    review,
+    review_result,
+    spent,
+)
 from bus import errors
 from bus.db import Database
 from bus.models import (
@@ -36,6 +45,10 @@ from bus.models import (
     FilingReceipt,
     FilingUpload,
     Message,
+    ReversalDecision,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
     ReviewResult,
     SettlementMode,
     SettlementNotice,
@@ -105,6 +118,7 @@ class HomeRole:
         self.reports: list[ErrorReport] = []
         """Error reports addressed to this province that answered nothing of ours."""
         node.on(ClaimPackage)(self._on_claim)
+        node.on(ReversalRequest)(self._on_reversal)
         node.on(SettlementNotice)(self._on_settlement)
         node.on(ErrorReport)(self._on_report)
         node.on_answer(FilingUpload)(self._on_receipt)
@@ -269,6 +283,7 @@ class HomeRole:
             year,
             add_usage(committed, spent(outcome)),
             host=host,
+            spent=spent(outcome),
         )
         if request_id != ctx.envelope.message_id:
             raise self._refuse(
@@ -284,3 +299,76 @@ class HomeRole:
             personal_fen=stored.personal_fen,
         )
         return stored
+
+    # --- reversals (冲正, contract v1.3) ------------------------------------------------------
+    async def _on_reversal(self, message: Message, ctx: Context) -> ReversalResult:
+        """A host cancels a claim it settled: confirmed, the review is void and its amounts
+        go back to the person's year (so the next claim gets the money); refused, nothing
+        changes. Either answer is kept under the reversal id and given again to the same
+        reversal, whatever message id it comes under; a second reversal of a cancelled claim
+        is refused (``ALREADY_REVERSED``)."""
+        assert isinstance(message, ReversalRequest)
+        r = message
+        host = ctx.envelope.source
+        answered = self.backoffice.reversal(r.reversal_id)
+        if answered is not None:
+            return answered
+        if r.reason is ReversalReason.UNKNOWN:  # (check() refuses it before: defence in depth)
+            raise self._refuse(ErrorCode.INVALID_MESSAGE, "unknown reason", responsible=host)
+        record = self.backoffice.review_record(r.claim_id)
+        refusal = self._reversal_refusal(r, host, record)
+        if refusal is not None or record is None:
+            code, note = refusal or (ReversalRefusal.NOT_REVIEWED, "")
+            result = ReversalResult(
+                reversal_id=r.reversal_id, claim_id=r.claim_id,
+                decision=ReversalDecision.REFUSED, refusal_code=code.value, note=note,
+                decided_at=now(),
+            )  # fmt: skip
+            stored = self.backoffice.record_reversal(result, host=host, usage=None)
+            log.info("reversal_refused", reversal_id=r.reversal_id, claim_id=r.claim_id,
+                     code=code.value)  # fmt: skip
+            return stored
+        person_id = record.person_id or r.person_id
+        year = record.year if record.year is not None else record.result.reviewed_at.year
+        before = self.backoffice.year_usage(person_id, year)
+        after = remove_usage(before, record.spent)
+        result = ReversalResult(
+            reversal_id=r.reversal_id,
+            claim_id=r.claim_id,
+            decision=ReversalDecision.CONFIRMED,
+            note=f"review of {r.claim_id} cancelled ({r.reason.value})",
+            fund_restored_fen=before.fund_used_fen - after.fund_used_fen,
+            critical_illness_restored_fen=before.critical_illness_used_fen
+            - after.critical_illness_used_fen,
+            assistance_restored_fen=before.assistance_used_fen - after.assistance_used_fen,
+            decided_at=now(),
+        )
+        stored = self.backoffice.record_reversal(result, host=host, usage=(person_id, year, after))
+        log.info(
+            "reversal_confirmed", reversal_id=r.reversal_id, claim_id=r.claim_id,
+            reason=r.reason.value, fund_restored_fen=stored.fund_restored_fen,
+        )  # fmt: skip
+        return stored
+
+    def _reversal_refusal(
+        self, r: ReversalRequest, host: str, record: ReviewRecord | None
+    ) -> tuple[ReversalRefusal, str] | None:
+        """Why the home refuses the reversal ``r`` (None: it confirms it)."""
+        if record is None or record.host not in (None, host):
+            return ReversalRefusal.NOT_REVIEWED, f"no review of {r.claim_id} from {host}"
+        done = self.backoffice.confirmed_reversal_of(r.claim_id)
+        if done is not None:
+            return ReversalRefusal.ALREADY_REVERSED, f"reversed by {done.reversal_id}"
+        if record.request_id != r.claim_request_id:
+            return ReversalRefusal.WRONG_REQUEST, f"reviewed under {record.request_id}"
+        reviewed = record.result
+        asked = (r.fund_fen, r.critical_illness_fen, r.assistance_fen)
+        if asked != (reviewed.fund_fen, reviewed.critical_illness_fen, reviewed.assistance_fen):
+            return ReversalRefusal.AMOUNT_MISMATCH, (
+                f"fund {r.fund_fen} fen asked, {reviewed.fund_fen} fen reviewed"
+            )
+        if r.requested_at - reviewed.reviewed_at > dt.timedelta(days=REVERSAL_WINDOW_DAYS):
+            return ReversalRefusal.WINDOW_CLOSED, (
+                f"reviewed {reviewed.reviewed_at:%Y-%m-%d}, over {REVERSAL_WINDOW_DAYS} days ago"
+            )
+        return None

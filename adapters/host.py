@@ -36,7 +36,7 @@ from adapters.backoffice import (
 )
 from adapters.directory import Directory, province_of
 from adapters.home import filing_covers
-from adapters.rules import max_advance_fen
+from adapters.rules import REVERSAL_WINDOW_DAYS, max_advance_fen
 from bus.envelope import new_id, now_ms
 from bus.errors import Rejection
 from bus.models import (
@@ -47,6 +47,10 @@ from bus.models import (
     FilingReceipt,
     FilingUpload,
     Message,
+    ReversalDecision,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
     ReviewResult,
     SettlementMode,
     SettlementNotice,
@@ -126,6 +130,14 @@ class ClaimStatus:
     """The operator."""
     timeline: tuple[ClaimEvent, ...]
     """Every transition, oldest first."""
+    reversal_id: str | None = None
+    """The latest reversal asked for, if any (contract v1.3)."""
+    reversal_state: str | None = None
+    """``REQUESTED``, ``CONFIRMED``, ``REFUSED:<code>`` or ``FAILED:<code>``."""
+    reversal_refund_fen: int = 0
+    """Given back to the patient when the reversal was confirmed (advance and top-up)."""
+    reversal_recovery_fen: int = 0
+    """Taken back from the patient when confirmed (a refund he had been paid)."""
 
 
 class MemoryClaimTimeline:
@@ -203,6 +215,7 @@ class HostRole:
         """Where the claims' timelines are kept: the back office's, if it keeps them."""
         node.on(FilingUpload)(self._on_filing)
         node.on_answer(ClaimPackage)(self._on_review)
+        node.on_answer(ReversalRequest)(self._on_reversal_answer)
         node.on_acknowledged(ClaimPackage)(self._on_acknowledged)
         count = getattr(backoffice, "count_claims", None)
         if callable(count):
@@ -327,6 +340,7 @@ class HostRole:
             total_fen=total,
             advance_fen=advance,
             submitted_at=now(),
+            insurance_type=admission.filing.insurance_type,
         )
 
     async def submit(self, claim: ClaimPackage) -> str:
@@ -432,7 +446,7 @@ class HostRole:
         if not answer.late:
             self.latencies.append((claim.claim.settlement_mode.value, answer.latency_s))
         if isinstance(message, ReviewResult):
-            await self._settle(claim, message, late=answer.late)
+            await self._settle(claim, message, late=answer.late, request_id=answer.request_id)
         elif isinstance(message, ErrorReport):
             if message.code is ErrorCode.DEADLINE_EXCEEDED:
                 self._deadline_passed(claim, answer)
@@ -576,12 +590,20 @@ class HostRole:
         )
         log.info("claim_refused", claim_id=c.claim_id, code=rep.code.value)
 
-    async def _settle(self, claim: HostClaim, result: ReviewResult, *, late: bool) -> None:
+    async def _settle(
+        self, claim: HostClaim, result: ReviewResult, *, late: bool, request_id: str | None = None
+    ) -> None:
         c = claim.claim
         balance = result.personal_fen - claim.advance_collected_fen
         payment = ("TOP_UP", balance) if balance > 0 else ("REFUND", -balance)
         updated = _with(
-            claim, state=ClaimState.SETTLED, review=result, balance_fen=balance, deadline_ms=None
+            claim,
+            state=ClaimState.SETTLED,
+            review=result,
+            balance_fen=balance,
+            deadline_ms=None,
+            reviewed_request_id=request_id,
+            settled_at_ms=now_ms(),
         )
         self.backoffice.save_claim(updated, payments=[payment])
         self._event(
@@ -619,11 +641,12 @@ class HostRole:
             advance_fen=claim.advance_collected_fen,
             balance_fen=balance,
         )
-        await self._notify(claim, result)
+        await self._notify(updated, result)
 
     async def _notify(self, claim: HostClaim, result: ReviewResult) -> None:
         """Tell the home the claim is settled, in the settlement's step (idempotent at the
-        home by claim id)."""
+        home by claim id): what the funds pay, what the patient paid, and how (the advance,
+        and the balance: > 0 a top-up, < 0 a refund; contract v1.3)."""
         c = claim.claim
         notice = SettlementNotice(
             claim_id=c.claim_id,
@@ -632,6 +655,8 @@ class HostRole:
             critical_illness_fen=result.critical_illness_fen,
             assistance_fen=result.assistance_fen,
             settled_at=now(),
+            advance_fen=claim.advance_collected_fen,
+            balance_fen=claim.balance_fen,
         )
         await self.node.publish(
             notice, target=province_of(c.home_region), key=c.person_id.encode("utf-8")
@@ -756,6 +781,161 @@ class HostRole:
         )  # fmt: skip
         return updated
 
+    async def reverse_claim(
+        self,
+        claim_id: str,
+        reason: ReversalReason | str,
+        note: str,
+        operator: str,
+        *,
+        reversal_id: str | None = None,
+    ) -> str:
+        """Ask the home to cancel a settled claim (冲正, contract v1.3): a wrong patient, a
+        duplicate bill, a readmission billed apart. One step sends the ``ReversalRequest``
+        and records it on the claim; the home's answer comes later (``_on_reversal_answer``):
+        confirmed, the claim is REVERSED and the patient's payments are given back; refused,
+        the settlement stands. Returns the reversal id. The same ``reversal_id`` again
+        returns it and sends nothing; ``ClaimActionRefused`` for a claim that is not settled,
+        is past the window, or has a reversal asked or confirmed already."""
+        try:
+            why = ReversalReason(reason)
+        except ValueError:
+            why = ReversalReason.UNKNOWN
+        if why is ReversalReason.UNKNOWN:
+            choices = ", ".join(r.value for r in ReversalReason if r is not ReversalReason.UNKNOWN)
+            raise ClaimActionRefused(f"reason {reason!r}: expected one of {choices}")
+        if not operator.strip():
+            raise ClaimActionRefused("a reversal needs the operator's name")
+        async with self.node.step() as step:
+            claim = self.backoffice.claim(claim_id)
+            if claim is None:
+                raise ClaimActionRefused(f"no claim {claim_id} at {self.province}")
+            if reversal_id is not None and claim.reversal_id == reversal_id:
+                return reversal_id  # asked before: nothing new to send
+            if claim.reversal_state in ("REQUESTED", "CONFIRMED"):
+                raise ClaimActionRefused(
+                    f"claim {claim_id} has the reversal {claim.reversal_id} "
+                    f"{claim.reversal_state.lower()} already"
+                )
+            if claim.state is not ClaimState.SETTLED or claim.review is None:
+                raise ClaimActionRefused(
+                    f"claim {claim_id} is {claim.state.name}: only a settled claim is reversed"
+                )
+            settled = claim.settled_at_ms or _ms(claim.review.reviewed_at)
+            if now_ms() - settled > REVERSAL_WINDOW_DAYS * 86_400_000:
+                raise ClaimActionRefused(
+                    f"claim {claim_id} was settled {_at(settled)}: more than "
+                    f"{REVERSAL_WINDOW_DAYS} days ago, past the reversal window"
+                )
+            c, review = claim.claim, claim.review
+            rid = reversal_id or f"V-{self.province}-{new_id()[:13]}"
+            request = ReversalRequest(
+                reversal_id=rid,
+                claim_id=c.claim_id,
+                claim_request_id=claim.reviewed_request_id or claim.latest_request_id or "",
+                person_id=c.person_id,
+                home_region=c.home_region,
+                host_region=c.host_region,
+                reason=why,
+                note=note,
+                fund_fen=review.fund_fen,
+                critical_illness_fen=review.critical_illness_fen,
+                assistance_fen=review.assistance_fen,
+                personal_paid_fen=review.personal_fen,
+                requested_at=now(),
+            )
+            request_id = await self.node.request(request, deadline_s=self.delayed_deadline_s)
+            updated = _with(
+                claim,
+                reversal_id=rid,
+                reversal_request_id=request_id,
+                reversal_state="REQUESTED",
+                reversal_reason=why.value,
+            )
+            self.backoffice.save_claim(updated)
+            self._event(
+                updated,
+                ClaimEventKind.REVERSAL_REQUESTED,
+                f"reversal {rid} asked by {operator} ({why.value}): the home cancels its review, "
+                f"the patient is given back {yuan(review.personal_fen)} yuan once it confirms",
+                reversal_id=rid,
+                request_id=request_id,
+                reason=why.value,
+                operator=operator,
+            )
+        self.node.metrics.inc("xsettle_reversals_requested_total", reason=why.value)
+        log.warning(
+            "reversal_requested", claim_id=claim_id, reversal_id=rid, reason=why.value,
+            operator=operator,
+        )  # fmt: skip
+        await self.node.delivered(step)
+        return rid
+
+    async def _on_reversal_answer(self, answer: Answer) -> None:
+        """The home's answer to a reversal, in the step that stores it. Confirmed: the claim
+        is REVERSED and the patient is given back what he paid for it (the advance and a
+        top-up refunded, a refund he was paid recovered: net, his personal share). Refused,
+        or an error report, or no answer by the deadline: the settlement stands, and an
+        operator may ask again."""
+        request = answer.request
+        asked = self.node.codec.decode(request.record.value) if request is not None else None
+        if not isinstance(asked, ReversalRequest):
+            log.warning("reversal_answer_without_request", request_id=answer.request_id)
+            return
+        claim = self.backoffice.claim(asked.claim_id)
+        if claim is None or claim.reversal_id != asked.reversal_id:
+            log.warning("reversal_answer_ignored", claim_id=asked.claim_id,
+                        reversal_id=asked.reversal_id)  # fmt: skip
+            return
+        message = answer.message
+        if isinstance(message, ReversalResult) and message.decision is ReversalDecision.CONFIRMED:
+            if claim.state is ClaimState.REVERSED:
+                return
+            paid = claim.advance_collected_fen + max(claim.balance_fen, 0)
+            refunded = max(-claim.balance_fen, 0)
+            updated = _with(claim, state=ClaimState.REVERSED, reversal_state="CONFIRMED")
+            self.backoffice.save_claim(
+                updated, payments=[("REVERSAL_REFUND", paid), ("REVERSAL_RECOVERY", refunded)]
+            )
+            self._event(
+                updated,
+                ClaimEventKind.REVERSED,
+                f"reversal {asked.reversal_id} confirmed by {_home(claim)}: refunded "
+                f"{yuan(paid)} yuan to the patient"
+                + (f", recovered the {yuan(refunded)} yuan refund" if refunded else "")
+                + f"; {yuan(message.fund_restored_fen)} yuan back on the person's fund cap",
+                reversal_id=asked.reversal_id,
+                refund_fen=paid,
+                recovery_fen=refunded,
+                fund_restored_fen=message.fund_restored_fen,
+            )
+            self.node.metrics.inc("xsettle_reversals_total", outcome="confirmed")
+            log.warning("claim_reversed", claim_id=asked.claim_id, reversal_id=asked.reversal_id,
+                        refund_fen=paid, recovery_fen=refunded)  # fmt: skip
+            return
+        if isinstance(message, ReversalResult):
+            code = message.refusal_code or "REFUSED"
+            why = f"refused by {_home(claim)}: {code}" + (
+                f" ({message.note})" if message.note else ""
+            )
+        else:
+            assert isinstance(message, ErrorReport)
+            code = message.code.value
+            why = f"not done: {code} ({message.message[:200]})"
+        state = "REFUSED" if isinstance(message, ReversalResult) else "FAILED"
+        updated = _with(claim, reversal_state=f"{state}:{code}")
+        self.backoffice.save_claim(updated)
+        self._event(
+            updated,
+            ClaimEventKind.REVERSAL_REFUSED,
+            f"reversal {asked.reversal_id} {why}; the settlement stands",
+            reversal_id=asked.reversal_id,
+            code=code,
+        )
+        self.node.metrics.inc("xsettle_reversals_total", outcome=state.lower())
+        log.warning("reversal_not_done", claim_id=asked.claim_id, reversal_id=asked.reversal_id,
+                    code=code)  # fmt: skip
+
     async def escalate_fallbacks(self, *, older_than_s: float | None = None) -> list[str]:
         """Escalate fallen-back claims whose late review has not come ``older_than_s``
         (default: the delayed deadline) after they fell back: overdue, one step each, like a
@@ -799,11 +979,14 @@ class HostRole:
         c = claim.claim
         advance = claim.advance_collected_fen
         balance = claim.balance_fen
-        top_up = refund = full = 0
+        top_up = refund = full = back = recovered = 0
         if claim.state is ClaimState.REFUSED:
             full = balance
         elif claim.state in (ClaimState.SETTLED, ClaimState.CLOSED_BY_OPERATOR):
             top_up, refund = max(balance, 0), max(-balance, 0)
+        elif claim.state is ClaimState.REVERSED:
+            top_up, refund = max(balance, 0), max(-balance, 0)
+            back, recovered = advance + top_up, refund
         return ClaimStatus(
             claim_id=claim_id,
             state=claim.state,
@@ -814,7 +997,7 @@ class HostRole:
             top_up_fen=top_up,
             refund_fen=refund,
             paid_in_full_fen=full,
-            patient_paid_fen=advance + top_up + full - refund,
+            patient_paid_fen=advance + top_up + full - refund - back + recovered,
             submitted_at_ms=claim.submitted_at_ms or _ms(c.submitted_at),
             deadline_ms=claim.deadline_ms,
             acknowledged_at_ms=claim.acknowledged_at_ms,
@@ -827,6 +1010,10 @@ class HostRole:
             close_reason=claim.close_reason,
             closed_by=claim.closed_by,
             timeline=tuple(self.timelines.timeline(claim_id)),
+            reversal_id=claim.reversal_id,
+            reversal_state=claim.reversal_state,
+            reversal_refund_fen=back,
+            reversal_recovery_fen=recovered,
         )
 
     # --- helpers ---------------------------------------------------------------------------------

@@ -530,6 +530,7 @@ class ReviewDesk:
                 row.year,
                 add_usage(committed, spent(outcome)),
                 host=row.host,
+                spent=spent(outcome),
             )
             if request_id != row.request_id:
                 raise ReviewClosed(

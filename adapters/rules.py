@@ -482,6 +482,41 @@ def add_usage(*parts: YearUsage) -> YearUsage:
     )
 
 
+def remove_usage(committed: YearUsage, reversed_part: YearUsage) -> YearUsage:
+    """The person's year after a reversal gave ``reversed_part`` back (never below zero: a
+    year pruned or corrected by hand keeps what is left)."""
+    return YearUsage(
+        fund_used_fen=max(0, committed.fund_used_fen - reversed_part.fund_used_fen),
+        critical_illness_used_fen=max(
+            0, committed.critical_illness_used_fen - reversed_part.critical_illness_used_fen
+        ),
+        assistance_used_fen=max(
+            0, committed.assistance_used_fen - reversed_part.assistance_used_fen
+        ),
+        copayment_fen=max(0, committed.copayment_fen - reversed_part.copayment_fen),
+    )
+
+
+REVERSAL_WINDOW_DAYS = 30
+"""A settled claim may be reversed (冲正) this many days after its review; the home refuses
+later ones (``WINDOW_CLOSED``). A contract rule (docs/contract.md)."""
+
+
+class ReversalRefusal(StrEnum):
+    """Why a home refuses a reversal (``ReversalResult.refusal_code``)."""
+
+    NOT_REVIEWED = "NOT_REVIEWED"
+    """The home has no review of the claim from this host."""
+    ALREADY_REVERSED = "ALREADY_REVERSED"
+    """Another reversal cancelled the claim already (a reversal of a reversal)."""
+    WINDOW_CLOSED = "WINDOW_CLOSED"
+    """Past :data:`REVERSAL_WINDOW_DAYS` after the review."""
+    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
+    """The amounts to reverse are not the ones the home reviewed."""
+    WRONG_REQUEST = "WRONG_REQUEST"
+    """The claim was reviewed under another request than the one named."""
+
+
 def review_result(
     review: Review, claim_id: str, reviewer: str, reviewed_at: dt.datetime
 ) -> ReviewResult:

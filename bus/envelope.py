@@ -13,6 +13,9 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from pydantic import BaseModel
 
 from bus.constants import (
     FAMILY_CLAIM,
@@ -44,6 +47,8 @@ from bus.models import (
     FilingUpload,
     Message,
     RequestAcknowledgement,
+    ReversalRequest,
+    ReversalResult,
     ReviewResult,
     SettlementNotice,
 )
@@ -57,15 +62,19 @@ FAMILY_OF: dict[type[Message], str] = {
     ReviewResult: FAMILY_REPLY,
     ErrorReport: FAMILY_ERROR,
     RequestAcknowledgement: FAMILY_REPLY,
+    ReversalRequest: FAMILY_CLAIM,
+    ReversalResult: FAMILY_REPLY,
 }
-"""The topic family each message type travels on."""
+"""The topic family each message type travels on (a reversal goes where its claim went, keyed
+by the same person: it cannot overtake the claim)."""
 
-REQUESTS: frozenset[type[Message]] = frozenset({FilingUpload, ClaimPackage})
+REQUESTS: frozenset[type[Message]] = frozenset({FilingUpload, ClaimPackage, ReversalRequest})
 """Message types that are requests and get exactly one terminal answer."""
 
 REPLY_OF: dict[type[Message], type[Message]] = {
     FilingUpload: FilingReceipt,
     ClaimPackage: ReviewResult,
+    ReversalRequest: ReversalResult,
 }
 """The reply type that answers each request type (else an ErrorReport)."""
 
@@ -76,6 +85,8 @@ SUBJECT_OF: dict[type[Message], str] = {
     ReviewResult: "claim_id",
     SettlementNotice: "claim_id",
     RequestAcknowledgement: "subject_id",
+    ReversalRequest: "reversal_id",
+    ReversalResult: "reversal_id",
 }
 """The payload field naming what a message is about: a reply must name the same one as its
 request."""
@@ -83,6 +94,7 @@ request."""
 ISSUED_ID: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("filing_id", "F"),
     ClaimPackage: ("claim_id", "C"),
+    ReversalRequest: ("reversal_id", "V"),
 }
 """Requests whose id names who issued it: ``<letter>-<code>-<rest>`` where ``<code>`` is the
 sending province or one of its regions (``C-460000-H46010001-…``, ``F-130100-…``), so no
@@ -91,6 +103,7 @@ province can take another's claim or filing id."""
 ROUTES: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("home_region", "host_region"),
     ClaimPackage: ("host_region", "home_region"),
+    ReversalRequest: ("host_region", "home_region"),
 }
 """Payload fields whose provinces must equal (``xs-source``, ``xs-target``)."""
 
@@ -272,7 +285,40 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
                 f"the {message.avro_name} says {src}->{dst}",
             )
     elif (
-        type(message) in (FilingReceipt, ReviewResult, RequestAcknowledgement)
+        type(message) in (FilingReceipt, ReviewResult, RequestAcknowledgement, ReversalResult)
         and envelope.correlation_id is None
     ):
         raise DecodeError("missing_header", "a reply needs xs-correlation-id")
+    unknown = unknown_symbols(message)
+    if unknown:
+        raise DecodeError(
+            "unknown_symbol",
+            f"{', '.join(unknown)}: a symbol this reader does not know (read as UNKNOWN, the "
+            "enum's default): the sender writes a newer contract than this province reads",
+        )
+
+
+UNKNOWN_ALLOWED: frozenset[tuple[str, str]] = frozenset(
+    {("ErrorReport", "code"), ("RequestAcknowledgement", "state")}
+)
+"""Enum fields where UNKNOWN is a value like the others (a code or a state added later is
+still an error report, still an acknowledgement); everywhere else a record cannot be acted on
+with a value its reader does not know."""
+
+
+def unknown_symbols(message: BaseModel, where: str = "") -> list[str]:
+    """The fields of ``message`` (nested records and arrays included) that read UNKNOWN."""
+    found: list[str] = []
+    owner = type(message).__name__
+    for name in type(message).model_fields:
+        value = getattr(message, name)
+        path = f"{where}{name}"
+        values = value if isinstance(value, tuple | list) else (value,)
+        for i, item in enumerate(values):
+            at = f"{path}.{i}" if isinstance(value, tuple | list) else path
+            if isinstance(item, StrEnum) and item.value == "UNKNOWN":
+                if (owner, name) not in UNKNOWN_ALLOWED:
+                    found.append(at)
+            elif isinstance(item, BaseModel):
+                found.extend(unknown_symbols(item, f"{at}."))
+    return found

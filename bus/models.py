@@ -42,16 +42,22 @@ def now() -> dt.datetime:
 
 
 # --- Enums (symbols exactly as in the .avsc files) -------------------------------------------
+# Every enum ends with UNKNOWN, its Avro default (contract v1.3): a reader maps a symbol added
+# after its version to UNKNOWN instead of failing; writers never send it, and a required field
+# that reads UNKNOWN is refused as INVALID_MESSAGE (bus.envelope.check). ErrorCode's UNKNOWN is
+# a code like the others ("a code added later"), and AckState's is a state.
 class FilingAction(StrEnum):
     CREATE = "CREATE"
     UPDATE = "UPDATE"
     REVOKE = "REVOKE"
+    UNKNOWN = "UNKNOWN"
 
 
 class InsuranceType(StrEnum):
     EMPLOYEE = "EMPLOYEE"
     RESIDENT = "RESIDENT"
     RETIRED_CADRE = "RETIRED_CADRE"
+    UNKNOWN = "UNKNOWN"
 
 
 class FilingReason(StrEnum):
@@ -62,6 +68,7 @@ class FilingReason(StrEnum):
     MIGRANT_WORKER = "MIGRANT_WORKER"
     EMERGENCY = "EMERGENCY"
     TEMPORARY = "TEMPORARY"
+    UNKNOWN = "UNKNOWN"
 
 
 class FilingChannel(StrEnum):
@@ -70,18 +77,21 @@ class FilingChannel(StrEnum):
     FAX = "FAX"
     APP = "APP"
     WEB = "WEB"
+    UNKNOWN = "UNKNOWN"
 
 
 class FilingStatus(StrEnum):
     REGISTERED = "REGISTERED"
     UPDATED = "UPDATED"
     REVOKED = "REVOKED"
+    UNKNOWN = "UNKNOWN"
 
 
 class SettlementMode(StrEnum):
     INSTANT = "INSTANT"
     DELAYED = "DELAYED"
     POINT_TO_POINT = "POINT_TO_POINT"
+    UNKNOWN = "UNKNOWN"
 
 
 class VisitType(StrEnum):
@@ -89,24 +99,28 @@ class VisitType(StrEnum):
     OUTPATIENT = "OUTPATIENT"
     CHRONIC_OUTPATIENT = "CHRONIC_OUTPATIENT"
     PHARMACY = "PHARMACY"
+    UNKNOWN = "UNKNOWN"
 
 
 class ItemCategory(StrEnum):
     DRUG = "DRUG"
     TREATMENT = "TREATMENT"
     FACILITY = "FACILITY"
+    UNKNOWN = "UNKNOWN"
 
 
 class CatalogueClass(StrEnum):
     A = "A"
     B = "B"
     SELF_PAY = "SELF_PAY"
+    UNKNOWN = "UNKNOWN"
 
 
 class ReviewDecision(StrEnum):
     APPROVED = "APPROVED"
     PARTIAL = "PARTIAL"
     REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"
 
 
 class ErrorCode(StrEnum):
@@ -130,6 +144,7 @@ class Severity(StrEnum):
     WARNING = "WARNING"
     ERROR = "ERROR"
     CRITICAL = "CRITICAL"
+    UNKNOWN = "UNKNOWN"
 
 
 # --- Records ---------------------------------------------------------------------------------
@@ -196,6 +211,7 @@ class ClaimPackage(Message):
     total_fen: Fen
     advance_fen: Fen
     submitted_at: Timestamp
+    insurance_type: InsuranceType | None = None
 
 
 class ItemAdjustment(BaseModel):
@@ -232,6 +248,8 @@ class SettlementNotice(Message):
     critical_illness_fen: Fen
     assistance_fen: Fen
     settled_at: Timestamp
+    advance_fen: Fen | None = None
+    balance_fen: Fen | None = None
 
 
 class ErrorReport(Message):
@@ -273,6 +291,58 @@ class RequestAcknowledgement(Message):
     acknowledged_at: Timestamp
 
 
+class ReversalReason(StrEnum):
+    """Why a host cancels a settled claim (冲正/撤销, contract v1.3)."""
+
+    WRONG_PATIENT = "WRONG_PATIENT"
+    DUPLICATE_BILL = "DUPLICATE_BILL"
+    READMISSION_BILLED_APART = "READMISSION_BILLED_APART"
+    OTHER = "OTHER"
+    UNKNOWN = "UNKNOWN"
+
+
+class ReversalDecision(StrEnum):
+    """The home's answer to a reversal (contract v1.3)."""
+
+    CONFIRMED = "CONFIRMED"
+    REFUSED = "REFUSED"
+    UNKNOWN = "UNKNOWN"
+
+
+class ReversalRequest(Message):
+    """The host cancels a claim it settled (request, claim family, contract v1.3)."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ReversalRequest"
+    reversal_id: str
+    claim_id: str
+    claim_request_id: str
+    person_id: str
+    home_region: str
+    host_region: str
+    reason: ReversalReason
+    note: str = ""
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    personal_paid_fen: Fen
+    requested_at: Timestamp
+
+
+class ReversalResult(Message):
+    """The home's one terminal answer to a reversal (reply, contract v1.3)."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ReversalResult"
+    reversal_id: str
+    claim_id: str
+    decision: ReversalDecision
+    refusal_code: str | None = None
+    note: str = ""
+    fund_restored_fen: Fen = 0
+    critical_illness_restored_fen: Fen = 0
+    assistance_restored_fen: Fen = 0
+    decided_at: Timestamp
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     FilingUpload,
     FilingReceipt,
@@ -281,6 +351,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SettlementNotice,
     ErrorReport,
     RequestAcknowledgement,
+    ReversalRequest,
+    ReversalResult,
 )
 """Every top-level family, in contract order."""
 

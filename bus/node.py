@@ -133,10 +133,8 @@ from bus.models import (
     AckState,
     ErrorCode,
     ErrorReport,
-    FilingReceipt,
     Message,
     RequestAcknowledgement,
-    ReviewResult,
     Severity,
     now,
 )
@@ -1053,7 +1051,7 @@ class Node:
             await self._handle(rec, env, message)
 
     def _is_answer(self, env: Envelope, message: Message) -> bool:
-        if isinstance(message, FilingReceipt | ReviewResult):
+        if type(message) in REPLIES:
             return True
         # An ErrorReport answers our request when the province we asked sent it about it;
         # our own copies to ops, and reports from third provinces, are not answers.
@@ -1598,4 +1596,6 @@ FAMILY_OF_NAME: dict[str, str] = {m.avro_name: f for m, f in FAMILY_OF.items()}
 """Topic family by full Avro name."""
 
 REPLY_OF_NAME: dict[str, type[Message]] = {m.avro_name: r for m, r in REPLY_OF.items()}
+REPLIES: frozenset[type[Message]] = frozenset(REPLY_OF.values())
+"""The terminal replies of the contract (each answers one request family)."""
 """The reply type paired with each request type, by the request's full Avro name."""

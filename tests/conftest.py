@@ -45,6 +45,37 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
         yield server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def every_province_on_postgres(request: pytest.FixtureRequest) -> Iterator[None]:
+    """``XSETTLE_TEST_BACKEND=postgresql``: every province the tests build in this process
+    (``ProvinceSystem``) keeps its state in PostgreSQL instead of its SQLite file, one
+    database per state folder and province (a restart in a test finds its state again). Not
+    in CI (the suite would take twice as long): run it after touching SQL."""
+    if os.environ.get("XSETTLE_TEST_BACKEND") != "postgresql":
+        yield
+        return
+    import hashlib
+
+    import adapters.province
+    from bus.db import Database
+    from bus.pg import PostgresDatabase
+
+    server: EmbeddedPostgres = request.getfixturevalue("postgres")
+    original = adapters.province.province_database
+
+    def on_postgres(province: str, settings: BusSettings, folder: Path) -> Database:
+        if settings.database_url:
+            return original(province, settings, folder)
+        name = "p_" + hashlib.sha256(f"{folder.resolve()}/{province}".encode()).hexdigest()[:20]
+        return PostgresDatabase(server.create_database(name), pool_max=4)
+
+    adapters.province.province_database = on_postgres
+    try:
+        yield
+    finally:
+        adapters.province.province_database = original
+
+
 @pytest.fixture
 def postgres_url(postgres: EmbeddedPostgres) -> str:
     """A fresh, empty database of the session's PostgreSQL, for this test."""

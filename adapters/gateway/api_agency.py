@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
 import structlog
 from fastapi import APIRouter, Depends, Path, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from adapters.backoffice import HomeFiling, Person
 from adapters.directory import province_of
 from adapters.gateway.api_hospital import PERSON_ID_PATTERN
 from adapters.gateway.app import GatewayContext, context
 from adapters.gateway.auth import require
-from adapters.gateway.problems import PROBLEM_RESPONSES, Problem, bad_field, not_found
+from adapters.gateway.problems import PROBLEM_RESPONSES, In, Problem, bad_field, not_found
 from bus.logs import mask_name
 from bus.models import (
     FilingAction,
@@ -68,8 +68,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _In(In):
+    """A request body of this module (see :class:`adapters.gateway.problems.In`)."""
 
 
 class FilingIn(_In):
@@ -151,7 +151,10 @@ class FilingOut(BaseModel):
 
 def filing_state(stored: HomeFiling) -> FilingState:
     """``SENT`` until the host's receipt of the latest upload comes, then its status."""
-    return SENT if stored.receipt is None else stored.receipt.value
+    receipt = stored.receipt
+    if receipt is None or receipt is FilingStatus.UNKNOWN:  # (a receipt never says UNKNOWN)
+        return SENT
+    return cast(FilingState, receipt.value)
 
 
 def receipt_out(stored: HomeFiling) -> ReceiptOut | None:

@@ -11,6 +11,9 @@
 - ``POST /v1/claims/{claim_id}/resend`` (ops): send an open (overdue) claim again.
 - ``POST /v1/claims/{claim_id}/close`` (ops): close an open claim, keeping or refunding the
   advance.
+- ``POST /v1/claims/{claim_id}/reversal`` (hospital, ops): ask the home to cancel a settled
+  claim (冲正: wrong patient, duplicate bill, readmission billed apart); the home's answer
+  shows in the claim: ``REVERSED`` with the patient's money given back, or the refusal.
 
 Item names, categories and classes come from the host catalogue, not from the desk: the desk
 sends codes, quantities and prices; a code the catalogue lacks is a 422 naming the line.
@@ -22,16 +25,16 @@ import datetime as dt
 from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, Depends, Path, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from adapters.backoffice import ClaimEvent, CloseDecision
 from adapters.directory import province_of
 from adapters.gateway.app import GatewayContext, context
 from adapters.gateway.auth import require
-from adapters.gateway.problems import PROBLEM_RESPONSES, Problem, bad_field, not_found
+from adapters.gateway.problems import PROBLEM_RESPONSES, In, Problem, bad_field, not_found
 from adapters.host import AdmissionRefused, ClaimActionRefused, ClaimStatus
 from adapters.rules import item_amount_fen
-from bus.models import ClaimItem, ErrorCode, SettlementMode, VisitType, yuan
+from bus.models import ClaimItem, ErrorCode, ReversalReason, SettlementMode, VisitType, yuan
 
 router = APIRouter(prefix="/v1", tags=["hospital desk"], responses=PROBLEM_RESPONSES)
 
@@ -58,8 +61,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _In(In):
+    """A request body of this module (see :class:`adapters.gateway.problems.In`)."""
 
 
 class AdmitIn(_In):
@@ -184,12 +187,42 @@ class ClaimOut(BaseModel):
     error_code: str | None
     close_decision: str | None
     close_reason: str | None
+    reversal_id: str | None = None
+    reversal_state: str | None = Field(
+        default=None, description="REQUESTED, CONFIRMED, REFUSED:<code> or FAILED:<code>"
+    )
+    reversal_refund_fen: int = Field(
+        default=0, description="given back to the patient when the reversal was confirmed"
+    )
+    reversal_recovery_fen: int = Field(
+        default=0, description="taken back from the patient (a refund he had been paid)"
+    )
     timeline: list[EventOut]
 
 
 class ResendOut(BaseModel):
     claim_id: str
     request_id: str
+
+
+class ReversalIn(_In):
+    """Why the settled claim is cancelled, and who asks."""
+
+    reason: ReversalReason
+    note: str = Field(default="", max_length=500, description="for the home's desk")
+    operator: str = Field(min_length=1, max_length=64)
+    reversal_id: str | None = Field(
+        default=None,
+        pattern=r"^V-\d{6}-[0-9A-Za-z-]{1,40}$",
+        description="default: V-<province>-<unique>; the same id again asks nothing new",
+    )
+
+
+class ReversalOut(BaseModel):
+    claim_id: str
+    reversal_id: str
+    state: str
+    """The claim's reversal state: REQUESTED until the home answers."""
 
 
 class CloseIn(_In):
@@ -248,6 +281,10 @@ def claim_out(s: ClaimStatus) -> ClaimOut:
         error_code=s.error_code,
         close_decision=None if s.close_decision is None else s.close_decision.value,
         close_reason=s.close_reason,
+        reversal_id=s.reversal_id,
+        reversal_state=s.reversal_state,
+        reversal_refund_fen=s.reversal_refund_fen,
+        reversal_recovery_fen=s.reversal_recovery_fen,
         timeline=[_event(e) for e in s.timeline],
     )
 
@@ -438,3 +475,26 @@ async def close_claim(
     status = ctx.system.host.claim_status(claim_id)
     assert status is not None
     return claim_out(status)
+
+
+@router.post("/claims/{claim_id}/reversal", response_model=ReversalOut, status_code=202)
+async def reverse_claim(
+    claim_id: ClaimId,
+    body: ReversalIn,
+    ctx: GatewayContext = Depends(context),
+    _: object = Depends(require("hospital", "ops")),
+) -> ReversalOut:
+    """Ask the home to cancel a settled claim (冲正); 202: asked, the home answers later
+    (``GET /v1/claims/{claim_id}``: ``REVERSED``, or the refusal). 409: not settled, past
+    the 30-day window, or a reversal asked or confirmed already."""
+    if ctx.system.backoffice.claim(claim_id) is None:
+        raise not_found(f"no claim {claim_id} at {ctx.province}")
+    try:
+        reversal_id = await ctx.system.host.reverse_claim(
+            claim_id, body.reason, body.note, body.operator, reversal_id=body.reversal_id
+        )
+    except ClaimActionRefused as exc:
+        raise Problem(409, "conflict", str(exc)) from None
+    claim = ctx.system.backoffice.claim(claim_id)
+    state = claim.reversal_state if claim is not None else None
+    return ReversalOut(claim_id=claim_id, reversal_id=reversal_id, state=state or "REQUESTED")

@@ -39,7 +39,7 @@ from typing import Annotated, Any, Final
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
 from adapters.directory import Directory
 from adapters.gateway import problems
@@ -53,7 +53,7 @@ from adapters.gateway.panels import (
     overdue_claims_panel,
     settlement_stats_panel,
 )
-from adapters.gateway.problems import PROBLEM_RESPONSES, Problem, not_found
+from adapters.gateway.problems import PROBLEM_RESPONSES, In, Problem, not_found
 from bus.console import Console, NotReplayable, UnknownDeadLetters
 from bus.constants import DLQ_TOPIC_PATTERN
 from bus.errors import BusError
@@ -124,8 +124,8 @@ def setup(app: FastAPI, ctx: GatewayContext) -> None:
 
 
 # --- output models ----------------------------------------------------------------------------
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _In(In):
+    """A request body of this module (see :class:`adapters.gateway.problems.In`)."""
 
 
 class AlarmOut(BaseModel):

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from adapters.backoffice import HostClaim, PersonReview
 from adapters.directory import ALL_HOSPITALS, province_of
@@ -34,7 +34,7 @@ from adapters.gateway.api_agency import receipt_out as _receipt
 from adapters.gateway.api_hospital import PERSON_ID_PATTERN
 from adapters.gateway.app import GatewayContext, context
 from adapters.gateway.auth import Caller, caller
-from adapters.gateway.problems import PROBLEM_RESPONSES, not_found
+from adapters.gateway.problems import PROBLEM_RESPONSES, In, not_found
 from adapters.home import filing_covers
 from bus.logs import mask_id, mask_name
 from bus.models import (
@@ -66,8 +66,8 @@ ProvinceQuery = Annotated[str | None, Query(pattern=r"^\d{2}0000$", description=
 RegionQuery = Annotated[str | None, Query(pattern=r"^\d{6}$", description="region code")]
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _In(In):
+    """A request body of this module (see :class:`adapters.gateway.problems.In`)."""
 
 
 class PersonIn(_In):

@@ -31,13 +31,14 @@ from typing import Annotated, Final, Literal
 import structlog
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from adapters.gateway.app import GatewayContext, context
 from adapters.gateway.auth import Caller, require
 from adapters.gateway.problems import (
     PROBLEM_RESPONSES,
     FieldProblem,
+    In,
     Problem,
     bad_field,
     not_found,
@@ -80,8 +81,8 @@ PAGE_HEADERS: Final = {
 
 
 # --- shapes -----------------------------------------------------------------------------------
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _In(In):
+    """A request body of this module (see :class:`adapters.gateway.problems.In`)."""
 
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")

@@ -9,6 +9,7 @@ such as ``items.3.item_code``). A handler raises :class:`Problem`; FastAPI's own
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -16,7 +17,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bus.logs import mask_text
@@ -193,10 +194,34 @@ def document_problems(app: FastAPI) -> None:
                     content = response.get("content", {})
                     if str(status).startswith("4") and "application/json" in content:
                         content[PROBLEM_JSON] = content.pop("application/json")
+        for name, component in components.items():
+            symbols = component.get("enum")
+            if name not in UNKNOWN_IS_A_VALUE and isinstance(symbols, list):
+                component["enum"] = [s for s in symbols if s != "UNKNOWN"]
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+UNKNOWN_IS_A_VALUE: Final = frozenset({"ErrorCode", "AckState"})
+"""Wire enums whose UNKNOWN the API may show (an error code or a state added later). The
+other enums' UNKNOWN is only what a reader maps an unknown symbol to (contract v1.3): the API
+neither takes nor gives it, and the OpenAPI document does not list it."""
+
+
+class In(BaseModel):
+    """Base of every request body: unknown fields refused, and no enum field may say
+    UNKNOWN (the reader's stand-in for a symbol it does not know, never a value to send)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _known(cls, value: object) -> object:
+        if isinstance(value, StrEnum) and value.value == "UNKNOWN":
+            raise ValueError("UNKNOWN is not a value to send: give one of the others")
+        return value
 
 
 PROBLEM_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
