@@ -24,6 +24,7 @@ from adapters.gateway.testing import client, gateway_config, running_gateway
 from bus.broker import create_contract_topics
 from bus.models import FilingAction, FilingChannel, FilingReason, FilingUpload, InsuranceType
 from bus.settings import BusSettings
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.broker
 
@@ -291,6 +292,56 @@ class TestClaims:
         status = host.system.host.claim_status(claim_id)
         assert status is not None
         assert status.close_decision is None
+
+
+def state_of(host: Gateway, claim_id: str) -> str | None:
+    claim = host.system.backoffice.claim(claim_id)
+    return None if claim is None else claim.state.name
+
+
+class TestReversal:
+    async def test_a_settled_claim_is_reversed_once(self, pair: tuple[Gateway, Gateway]) -> None:
+        """Discharge, the reviewer approves, the claim settles; the hospital asks for a
+        reversal (202), the home confirms, the claim shows REVERSED with the patient's money
+        given back; asking again is a 409, a bad reason a 422, another role a 403."""
+        home, host = pair
+        admission = (await admit(host)).json()["admission_id"]
+        async with client(host, "hospital") as c:
+            sent = await c.post(
+                f"/v1/admissions/{admission}/discharge", json={**DISCHARGE, "items": bill()}
+            )
+        claim_id = sent.json()["claim_id"]
+        desk = home.system.home.desk
+        assert desk is not None
+        await eventually(lambda: desk.request_of(claim_id) is not None, 20)
+        async with client(home, "reviewer") as r:
+            decided = await r.post(
+                f"/v1/reviews/{claim_id}/decision", json={"action": "approve", "reviewer": "li"}
+            )
+        assert decided.status_code == 200
+        await eventually(lambda: state_of(host, claim_id) == "SETTLED", 20)
+        body = {"reason": "DUPLICATE_BILL", "note": "billed twice", "operator": "billing-wang"}
+        async with client(host, "hospital") as c:
+            asked = await c.post(f"/v1/claims/{claim_id}/reversal", json=body)
+            assert asked.status_code == 202, asked.text
+            assert asked.json()["state"] == "REQUESTED"
+            await eventually(lambda: state_of(host, claim_id) == "REVERSED", 20)
+            shown = (await c.get(f"/v1/claims/{claim_id}")).json()
+            assert shown["state"] == "REVERSED"
+            assert shown["reversal_state"] == "CONFIRMED"
+            assert shown["patient_paid_fen"] == 0
+            assert shown["reversal_refund_fen"] == shown["advance_fen"] + shown["top_up_fen"]
+            again = await c.post(f"/v1/claims/{claim_id}/reversal", json=body)
+            assert again.status_code == 409
+            unknown = {**body, "reason": "UNKNOWN"}
+            bad = await c.post(f"/v1/claims/{claim_id}/reversal", json=unknown)
+            assert bad.status_code == 422
+            assert bad.json()["errors"][0]["field"] == "reason"
+            missing = await c.post("/v1/claims/C-460000-NOPE/reversal", json=body)
+            assert missing.status_code == 404
+        async with client(host, "agency") as other:
+            refused = await other.post(f"/v1/claims/{claim_id}/reversal", json=body)
+            assert refused.status_code == 403
 
 
 async def test_the_openapi_document_lists_the_hospital_routes(
