@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest bench install clean
+.PHONY: demo test lint typecheck schemas pytest bench install clean
 
 # A fresh virtual environment with the project and its dev tools, rebuilt when pyproject changes.
 $(STAMP): pyproject.toml
@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xsettle demo $(ARGS)
 
-# Everything CI checks: lint, types, then the test suite on the embedded broker.
-test: lint typecheck pytest
+# Everything CI checks: lint, types, the schema evolution gate, then the test suite on the
+# embedded broker.
+test: lint typecheck schemas pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +29,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The schema evolution gate: every schema against all its published versions (FULL_TRANSITIVE).
+schemas: $(STAMP)
+	$(BIN)/xsettle schemas check
 
 pytest: $(STAMP)
 	sh scripts/install-browser.sh

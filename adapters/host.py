@@ -796,7 +796,8 @@ class HostRole:
         confirmed, the claim is REVERSED and the patient's payments are given back; refused,
         the settlement stands. Returns the reversal id. The same ``reversal_id`` again
         returns it and sends nothing; ``ClaimActionRefused`` for a claim that is not settled,
-        is past the window, or has a reversal asked or confirmed already."""
+        is past the window (:data:`adapters.rules.REVERSAL_WINDOW_DAYS` after its review), or
+        has a reversal asked or confirmed already."""
         try:
             why = ReversalReason(reason)
         except ValueError:
@@ -821,10 +822,11 @@ class HostRole:
                 raise ClaimActionRefused(
                     f"claim {claim_id} is {claim.state.name}: only a settled claim is reversed"
                 )
-            settled = claim.settled_at_ms or _ms(claim.review.reviewed_at)
-            if now_ms() - settled > REVERSAL_WINDOW_DAYS * 86_400_000:
+            # The window runs from the review, which both sides know (the home refuses later).
+            reviewed = _ms(claim.review.reviewed_at)
+            if now_ms() - reviewed > REVERSAL_WINDOW_DAYS * 86_400_000:
                 raise ClaimActionRefused(
-                    f"claim {claim_id} was settled {_at(settled)}: more than "
+                    f"claim {claim_id} was reviewed {_at(reviewed)}: more than "
                     f"{REVERSAL_WINDOW_DAYS} days ago, past the reversal window"
                 )
             c, review = claim.claim, claim.review

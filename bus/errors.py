@@ -25,7 +25,8 @@ class DecodeError(BusError):
     """A record value or its headers cannot be turned into a message.
 
     ``kind`` says which: ``bad_marker``, ``unknown_fingerprint``, ``truncated``,
-    ``malformed``, ``missing_header``, ``header_mismatch``, ``wrong_type``.
+    ``malformed``, ``missing_header``, ``header_mismatch``, ``wrong_type``,
+    ``unknown_symbol`` (an enum read as UNKNOWN where the contract needs a known value).
     """
 
     code = ErrorCode.INVALID_MESSAGE

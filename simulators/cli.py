@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "simulators.cli_audit",
     "simulators.cli_keys",
     "simulators.cli_gateway",
+    "simulators.cli_schemas",
 )
 """Modules that add their own subcommands with ``register(subparsers)`` when present."""
 

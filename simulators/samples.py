@@ -22,6 +22,10 @@ from bus.models import (
     ItemCategory,
     Message,
     RequestAcknowledgement,
+    ReversalDecision,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
     ReviewDecision,
     ReviewResult,
     SettlementMode,
@@ -180,6 +184,38 @@ def acknowledgement(claim_id: str = "C-460100-1") -> RequestAcknowledgement:
     )
 
 
+def reversal_request() -> ReversalRequest:
+    """The host's reversal of :func:`claim` as settled by :func:`notice`."""
+    settled, paid = claim(), notice()
+    return ReversalRequest(
+        reversal_id="V-460100-1",
+        claim_id=settled.claim_id,
+        claim_request_id="6f9d2a4e-3b1c-4e8f-9a7d-2c5b8e1f4a63",
+        person_id=settled.person_id,
+        home_region=settled.home_region,
+        host_region=settled.host_region,
+        reason=ReversalReason.DUPLICATE_BILL,
+        note="billed twice",
+        fund_fen=paid.fund_fen,
+        critical_illness_fen=paid.critical_illness_fen,
+        assistance_fen=paid.assistance_fen,
+        personal_paid_fen=paid.personal_paid_fen,
+        requested_at=AT + dt.timedelta(days=5),
+    )
+
+
+def reversal_result() -> ReversalResult:
+    """The home's confirmation of :func:`reversal_request`."""
+    request = reversal_request()
+    return ReversalResult(
+        reversal_id=request.reversal_id,
+        claim_id=request.claim_id,
+        decision=ReversalDecision.CONFIRMED,
+        fund_restored_fen=request.fund_fen,
+        decided_at=AT + dt.timedelta(days=5, minutes=1),
+    )
+
+
 ALL: tuple[Message, ...] = (
     filing(),
     receipt(),
@@ -188,5 +224,7 @@ ALL: tuple[Message, ...] = (
     notice(),
     error_report(),
     acknowledgement(),
+    reversal_request(),
+    reversal_result(),
 )
 """One valid message of every family."""

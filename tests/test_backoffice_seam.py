@@ -8,7 +8,14 @@ from collections.abc import Sequence
 
 import pytest
 
-from adapters.backoffice import ClaimState, HomeBackOffice, HostBackOffice, HostClaim, Person
+from adapters.backoffice import (
+    ClaimState,
+    HomeBackOffice,
+    HostBackOffice,
+    HostClaim,
+    Person,
+    ReviewRecord,
+)
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import HostRole
@@ -23,6 +30,8 @@ from bus.models import (
     FilingUpload,
     InsuranceType,
     ItemCategory,
+    ReversalDecision,
+    ReversalResult,
     ReviewResult,
     SettlementNotice,
     VisitType,
@@ -109,6 +118,8 @@ class DictBackOffice:
         self.registry: dict[str, FilingUpload] = {}
         self.by_id: dict[str, HostClaim] = {}
         self.payments: list[tuple[str, str, int]] = []
+        self.spent: dict[str, tuple[str, int, YearUsage]] = {}
+        self.reversals: dict[str, tuple[str, ReversalResult]] = {}
 
     def person(self, person_id: str) -> Person | None:
         return self.persons.get(person_id)
@@ -141,15 +152,46 @@ class DictBackOffice:
         usage: YearUsage,
         *,
         host: str,
+        spent: YearUsage | None = None,
     ) -> tuple[str, ReviewResult]:
         if claim_id not in self.reviews:
             self.reviews[claim_id] = (request_id, result)
             self.hosts[claim_id] = host
             self.usage[(person_id, year)] = usage
+            self.spent[claim_id] = (person_id, year, spent or YearUsage())
         return self.reviews[claim_id]
 
     def record_settlement(self, notice: SettlementNotice) -> None:
         self.notices[notice.claim_id] = notice
+
+    def review_record(self, claim_id: str) -> ReviewRecord | None:
+        if claim_id not in self.reviews:
+            return None
+        request_id, result = self.reviews[claim_id]
+        person_id, year, spent = self.spent[claim_id]
+        return ReviewRecord(request_id, result, person_id, year, self.hosts[claim_id], spent)
+
+    def reversal(self, reversal_id: str) -> ReversalResult | None:
+        found = self.reversals.get(reversal_id)
+        return None if found is None else found[1]
+
+    def confirmed_reversal_of(self, claim_id: str) -> ReversalResult | None:
+        return next(
+            (r for _, r in self.reversals.values()
+             if r.claim_id == claim_id and r.decision is ReversalDecision.CONFIRMED),
+            None,
+        )  # fmt: skip
+
+    def record_reversal(
+        self, result: ReversalResult, *, host: str, usage: tuple[str, int, YearUsage] | None
+    ) -> ReversalResult:
+        if result.reversal_id in self.reversals:
+            return self.reversals[result.reversal_id][1]
+        self.reversals[result.reversal_id] = (host, result)
+        if usage is not None:
+            person_id, year, after = usage
+            self.usage[(person_id, year)] = after
+        return result
 
     def register_filing(self, filing: FilingUpload) -> FilingStatus:
         self.registry[filing.person_id] = filing

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Callable
+from typing import Any
 
+import fastavro
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bus.codec import Codec, SchemaStore, canonical_form, crc64_avro, fingerprint
-from bus.envelope import Envelope, new_id, now_ms
+from bus.constants import SINGLE_OBJECT_MARKER
+from bus.envelope import Envelope, check, new_id, now_ms
 from bus.errors import DecodeError
-from bus.models import MESSAGE_TYPES, ClaimPackage, Message
+from bus.models import (
+    MESSAGE_TYPES,
+    CatalogueClass,
+    ClaimPackage,
+    ErrorCode,
+    Message,
+    VisitType,
+)
 from bus.settings import BusSettings
 from bus.transport import Admin
 from schemas import SCHEMA_DIR
 from simulators import samples
 from tests.helpers import produce_raw, read_topic
+from tests.test_schema_history import SAMPLES
 
 
 class TestFingerprint:
@@ -54,7 +66,7 @@ class TestFingerprint:
 
 
 class TestRoundTrip:
-    @pytest.mark.parametrize("message", samples.ALL, ids=lambda m: type(m).__name__)
+    @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
     def test_every_family_round_trips(self, codec: Codec, message: Message) -> None:
         """Encoding then decoding gives the same typed message, framed as single-object."""
         data = codec.encode(message)
@@ -80,6 +92,74 @@ class TestRoundTrip:
         assert decoded["note"] is None
         assert decoded["claim_id"] == "C-460100-1"
         assert decoded["diagnoses"] == ["K35.8"]
+
+
+class TestEnumDefaults:
+    """Contract v1.3: a symbol added by a later version reads as UNKNOWN, and is refused."""
+
+    @staticmethod
+    def later_claim_wire() -> tuple[bytes, dict[str, Any]]:
+        """A ClaimPackage written by a later version whose VisitType appends DAY_SURGERY."""
+        current = json.loads((SCHEMA_DIR / "ClaimPackage.avsc").read_text())
+        later = json.loads(json.dumps(current))
+        visit = next(f for f in later["fields"] if f["name"] == "visit_type")
+        visit["type"]["symbols"].append("DAY_SURGERY")
+        record = samples.claim().model_dump(mode="python")
+        record["visit_type"] = "DAY_SURGERY"
+        body = io.BytesIO()
+        parsed = fastavro.parse_schema(later, _write_hint=True, named_schemas={})
+        fastavro.schemaless_writer(body, parsed, record)
+        return SINGLE_OBJECT_MARKER + fingerprint(later) + body.getvalue(), later
+
+    def test_a_later_symbol_decodes_as_unknown(self) -> None:
+        wire, later = self.later_claim_wire()
+        store = SchemaStore()
+        store.add(json.loads((SCHEMA_DIR / "ClaimPackage.avsc").read_text()), current=True)
+        store.add(later, current=False)
+        decoded = Codec(store).decode_as(wire, ClaimPackage)
+        assert decoded.visit_type is VisitType.UNKNOWN
+        assert decoded.claim_id == samples.claim().claim_id
+
+    @staticmethod
+    def claim_envelope() -> Envelope:
+        return Envelope(
+            message_id=new_id(),
+            message_type=ClaimPackage.avro_name,
+            source="460000",
+            target="130000",
+            sent_at_ms=now_ms(),
+            reply_to="xsettle.reply.460000",
+            deadline_ms=now_ms() + 60_000,
+        )
+
+    def test_a_claim_whose_enum_reads_unknown_is_refused(self) -> None:
+        env = self.claim_envelope()
+        check(env, samples.claim(), "xsettle.claim.130000")  # the known symbol passes
+        unknown = samples.claim().model_copy(update={"visit_type": VisitType.UNKNOWN})
+        with pytest.raises(DecodeError) as info:
+            check(env, unknown, "xsettle.claim.130000")
+        assert info.value.kind == "unknown_symbol"
+        assert "visit_type" in info.value.detail
+
+    def test_a_nested_enum_reading_unknown_is_refused(self) -> None:
+        claim = samples.claim()
+        item = claim.items[1].model_copy(update={"catalogue_class": CatalogueClass.UNKNOWN})
+        unknown = claim.model_copy(update={"items": (claim.items[0], item)})
+        with pytest.raises(DecodeError) as info:
+            check(self.claim_envelope(), unknown, "xsettle.claim.130000")
+        assert info.value.kind == "unknown_symbol"
+        assert "items.1.catalogue_class" in info.value.detail
+
+    def test_an_error_code_added_later_is_still_a_report(self) -> None:
+        report = samples.error_report().model_copy(update={"code": ErrorCode.UNKNOWN})
+        env = Envelope(
+            message_id=new_id(),
+            message_type=report.avro_name,
+            source="460000",
+            target="130000",
+            sent_at_ms=now_ms(),
+        )
+        check(env, report, "xsettle.error.130000")
 
 
 class TestDecodeErrors:
@@ -139,7 +219,7 @@ async def test_every_family_round_trips_through_a_real_topic(
     async with Admin(settings, broker) as admin:
         await admin.create_topics([name], partitions=1)
     sent = []
-    for message in samples.ALL:
+    for message in SAMPLES:
         env = Envelope(
             message_id=new_id(),
             message_type=message.avro_name,

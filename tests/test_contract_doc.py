@@ -3,7 +3,8 @@
 The contract's ``test-vector`` block is recomputed with the reference implementation (a fixed
 FilingReceipt signed with the demo key ``460000-demo-1``: Ed25519 is deterministic, so every
 byte is stable), and the names the document lists (signed headers, refusal kinds, error codes,
-headers, defaults) are checked against the code's.
+headers, defaults, every field and enum symbol of every schema, the v1.3 reversal and
+enum-default rules) are checked against the code's.
 """
 
 from __future__ import annotations
@@ -11,22 +12,32 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from adapters import directory
+from adapters.rules import REVERSAL_WINDOW_DAYS, ReversalRefusal
 from bus import constants
 from bus.audit import ENTRY_TAG
 from bus.codec import Codec
 from bus.constants import H_SIGNATURE, H_TRACEPARENT, MAX_RECORD_BYTES
-from bus.envelope import Envelope
+from bus.envelope import FAMILY_OF, ISSUED_ID, UNKNOWN_ALLOWED, Envelope
 from bus.errors import DecodeError
-from bus.models import ErrorCode, FilingReceipt, FilingStatus
+from bus.models import (
+    MESSAGE_TYPES,
+    ErrorCode,
+    FilingReceipt,
+    FilingStatus,
+    ReversalRequest,
+    ReversalResult,
+)
 from bus.settings import BusSettings
 from bus.signing import (
     CANONICAL_TAG,
@@ -43,6 +54,7 @@ from bus.signing import (
     public_bytes,
 )
 from bus.transport import Headers
+from schemas import SCHEMA_DIR
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
 KEY_ID = "460000-demo-1"
@@ -228,6 +240,7 @@ class TestNames:
             *_docstring_kinds(DecodeError),
             "undecodable_header",
             "oversized",
+            "unknown_symbol",
         ]
         assert len(kinds) > 15
         missing = [k for k in kinds if f"`{k}`" not in text]
@@ -261,3 +274,104 @@ class TestNames:
         assert f"default {settings.clock_skew_s} s; setting `clock_skew_s`" in text
         assert f"{settings.max_record_age_s} s; setting `max_record_age_s`" in text
         assert f"({settings.retention_s // 86_400} days by default)" in text
+
+
+class TestFamilies:
+    """The *Message families* section names every field and enum symbol of every schema, and
+    the v1.3 rules are stated with the code's names and numbers."""
+
+    @staticmethod
+    def section(title: str) -> str:
+        text = doc_text()
+        assert f"\n## {title}" in text, f"no section {title!r}"
+        return text.split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
+
+    @staticmethod
+    def records() -> dict[str, dict[str, Any]]:
+        """Every record of every current schema (nested ones included), by name."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def walk(t: Any) -> None:
+            if isinstance(t, list):
+                for branch in t:
+                    walk(branch)
+            elif isinstance(t, dict):
+                if t["type"] == "record":
+                    out[t["name"]] = t
+                    for f in t["fields"]:
+                        walk(f["type"])
+                elif t["type"] == "array":
+                    walk(t["items"])
+
+        for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+            walk(json.loads(path.read_text(encoding="utf-8")))
+        return out
+
+    def test_every_family_and_field_is_described(self) -> None:
+        families = self.section("Message families")
+        for name in MESSAGE_TYPES:
+            assert f"**{name.__name__}**" in families, name.__name__
+        missing = [
+            f"{record}.{f['name']}"
+            for record, schema in self.records().items()
+            for f in schema["fields"]
+            if f"`{f['name']}`" not in families
+        ]
+        assert missing == []
+
+    def test_every_enum_symbol_is_described(self) -> None:
+        """Every symbol but the reserved default (said once for all enums) is listed; the
+        error codes have their own table (TestNames)."""
+        families = self.section("Message families")
+        assert "symbol `UNKNOWN`, its default, never written" in families
+        enums: dict[str, list[str]] = {}
+
+        def walk(t: Any) -> None:
+            if isinstance(t, list):
+                for branch in t:
+                    walk(branch)
+            elif isinstance(t, dict) and t["type"] == "enum":
+                enums[t["name"]] = t["symbols"]
+
+        for schema in self.records().values():
+            for f in schema["fields"]:
+                walk(f["type"])
+        assert {"InsuranceType", "ReversalReason", "ReversalDecision", "AckState"} <= set(enums)
+        missing = [
+            f"{name}.{symbol}"
+            for name, symbols in enums.items()
+            if name != "ErrorCode"
+            for symbol in symbols
+            if symbol != "UNKNOWN" and not re.search(rf"\b{symbol}\b", families)
+        ]
+        assert missing == []
+
+    def test_the_enum_default_rule(self) -> None:
+        text = doc_text()
+        assert "`unknown_symbol`" in text
+        assert "**writers never send it**" in " ".join(text.split())
+        exempt = sorted(f"{owner}.{field}" for owner, field in UNKNOWN_ALLOWED)
+        assert exempt == ["ErrorReport.code", "RequestAcknowledgement.state"]
+        for name in exempt:
+            assert f"`{name}`" in self.section("Record value")
+
+    def test_the_reversal_rules(self) -> None:
+        reversal = self.section("Reversal (v1.3)")
+        assert f"**{REVERSAL_WINDOW_DAYS} days**" in reversal
+        missing = [c.value for c in ReversalRefusal if f"`{c.value}`" not in reversal]
+        assert missing == []
+        assert "`V-<code>-<unique>`" in reversal
+        assert ISSUED_ID[ReversalRequest] == ("reversal_id", "V")
+        assert FAMILY_OF[ReversalRequest] == constants.FAMILY_CLAIM
+        assert FAMILY_OF[ReversalResult] == constants.FAMILY_REPLY
+        topics = self.section("Topics")
+        claim_row = next(r for r in topics.splitlines() if r.startswith("| `xsettle.claim.<P>`"))
+        reply_row = next(r for r in topics.splitlines() if r.startswith("| `xsettle.reply.<P>`"))
+        assert "`ReversalRequest`" in claim_row
+        assert "`ReversalResult`" in reply_row
+
+    def test_the_schema_gate_is_documented(self) -> None:
+        gate = self.section("Schema evolution and the gate (v1.3)")
+        assert "xsettle schemas check --schemas DIR --history DIR" in gate
+        assert "FULL_TRANSITIVE" in gate
+        assert "`avro.compatibility`" in gate

@@ -108,10 +108,36 @@ def test_error_code_has_the_contract_default() -> None:
     assert field["type"]["default"] == "UNKNOWN"
 
 
+def _enums(t: Any) -> list[dict[str, Any]]:
+    if isinstance(t, list):
+        return [e for branch in t for e in _enums(branch)]
+    if not isinstance(t, dict):
+        return []
+    if t["type"] == "enum":
+        return [t]
+    return _enums(t.get("items")) + [e for f in t.get("fields", []) for e in _enums(f["type"])]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_enum_has_the_default_unknown(name: str) -> None:
+    """Contract v1.3: every enum has the symbol UNKNOWN as its default (symbols appended later
+    come after it), and its model has the member UNKNOWN."""
+    enums = [e for f in SCHEMAS[name]["fields"] for e in _enums(f["type"])]
+    for enum in enums:
+        assert "UNKNOWN" in enum["symbols"], enum["name"]
+        assert enum.get("default") == "UNKNOWN", enum["name"]
+        assert getattr(models, enum["name"]).UNKNOWN.value == "UNKNOWN", enum["name"]
+
+
 def test_money_fields_are_long_fen() -> None:
-    """Every *_fen field is an Avro long."""
+    """Every *_fen field is an Avro long, or an optional long (null: not given by an older
+    writer) with default null."""
     for schema in SCHEMAS.values():
         for record in _records(schema).values():
             for field in record["fields"]:
                 if field["name"].endswith("_fen"):
-                    assert field["type"] == "long", field["name"]
+                    if isinstance(field["type"], list):
+                        assert field["type"] == ["null", "long"], field["name"]
+                        assert field["default"] is None, field["name"]
+                    else:
+                        assert field["type"] == "long", field["name"]

@@ -209,8 +209,10 @@ class TestReversal:
         await pair.settled(claim.claim_id)
         old = pair.host.backoffice.claim(claim.claim_id)
         assert old is not None
+        assert old.review is not None
+        long_ago = old.review.reviewed_at - dt.timedelta(days=31)
         pair.host.backoffice.save_claim(
-            dataclasses.replace(old, settled_at_ms=int(now().timestamp() * 1000) - 31 * 86_400_000)
+            dataclasses.replace(old, review=old.review.model_copy(update={"reviewed_at": long_ago}))
         )
         with pytest.raises(ClaimActionRefused, match="past the reversal window"):
             await pair.host.host.reverse_claim(claim.claim_id, "OTHER", "", "ops")
