@@ -290,7 +290,11 @@ class TestV12AndV13:
         assert record["visit_type"] == "INPATIENT"
         assert [i["category"] for i in record["items"]] == ["DRUG", "FACILITY"]
 
-    @pytest.mark.parametrize("message", samples.ALL, ids=lambda m: type(m).__name__)
+    @pytest.mark.parametrize(
+        "message",
+        [m for m in samples.ALL if (HISTORY_DIR / "v1.2" / f"{type(m).__name__}.avsc").exists()],
+        ids=lambda m: type(m).__name__,
+    )
     def test_a_v12_reader_reads_every_v12_family_written_by_v13(self, message: Message) -> None:
         record = self.read_with_v12(message)
         v12_fields = {
