@@ -931,3 +931,62 @@ class SqlBackOffice:
                 (claim_id,),
             )
         return [(str(a), str(b), int(c)) for a, b, c in rows]
+
+    # --- daily reconciliation (对账, contract v1.3) -------------------------------------------
+    def settled_claims(
+        self, since_ms: int, until_ms: int, *, home: str | None = None
+    ) -> list[HostClaim]:
+        """The host's claims settled with the patient in ``[since_ms, until_ms)`` (reversed
+        ones too: they stay on their day's statement, flagged), of one home province or all,
+        by claim id."""
+        n, j = self.db.json_int, self.db.json_text
+        sql = (
+            f"SELECT data FROM claims WHERE state IN (?, ?) "  # noqa: S608
+            f"AND {n('data', 'settled_at_ms')} >= ? AND {n('data', 'settled_at_ms')} < ?"
+        )
+        args: tuple[Any, ...] = (
+            ClaimState.SETTLED.value, ClaimState.REVERSED.value, since_ms, until_ms,
+        )  # fmt: skip
+        if home is not None:
+            sql += f" AND substr({j('data', 'claim', 'home_region')}, 1, 2) = ?"
+            args += (home[:2],)
+        return [_load_claim(r[0]) for r in self._all(sql + " ORDER BY claim_id", args)]
+
+    def settlements_from(
+        self,
+        host: str,
+        *,
+        on_utc_dates: Sequence[str] = (),
+        claim_ids: Sequence[str] = (),
+    ) -> list[tuple[SettlementNotice, int | None, bool]]:
+        """The home's settlement notices from ``host`` whose ``settled_at`` falls on one of
+        the UTC dates ``on_utc_dates`` (``YYYY-MM-DD``; the caller cuts its day out of them),
+        and those of ``claim_ids`` whatever their day: each as (notice, the reviewed total in
+        fen (None in rows without it), True when a reversal of the claim was confirmed)."""
+        j = self.db.json_text
+        select = (
+            f"SELECT s.data, {self.db.json_int('r.data', 'total_fen')}, EXISTS (SELECT 1 FROM "  # noqa: S608
+            "reversals v WHERE v.claim_id = s.claim_id AND v.decision = ?) "
+            "FROM settlements s JOIN reviews r ON r.claim_id = s.claim_id WHERE r.host = ? AND "
+        )
+        confirmed = ReversalDecision.CONFIRMED.value
+        rows: list[tuple[Any, ...]] = []
+        if on_utc_dates:
+            rows += self._all(
+                select + f"substr({j('s.data', 'settled_at')}, 1, 10) IN "
+                f"({_marks(len(on_utc_dates))})",
+                (confirmed, host, *on_utc_dates),
+            )
+        ids = list(dict.fromkeys(claim_ids))
+        for at in range(0, len(ids), 500):  # bounded parameter lists (SQLite allows 32,766)
+            chunk = ids[at : at + 500]
+            rows += self._all(
+                select + f"s.claim_id IN ({_marks(len(chunk))})", (confirmed, host, *chunk)
+            )
+        found: dict[str, tuple[SettlementNotice, int | None, bool]] = {}
+        for data, total, reversed_ in rows:
+            notice = SettlementNotice.model_validate_json(data)
+            found[notice.claim_id] = (
+                notice, None if total is None else int(total), bool(reversed_),
+            )  # fmt: skip
+        return [found[c] for c in sorted(found)]

@@ -654,7 +654,11 @@ class HostRole:
             fund_fen=result.fund_fen,
             critical_illness_fen=result.critical_illness_fen,
             assistance_fen=result.assistance_fen,
-            settled_at=now(),
+            # The claim's own settlement time: the host's books and the home's notice put the
+            # claim on the same day (reconciliation), even a millisecond before midnight.
+            settled_at=now()
+            if claim.settled_at_ms is None
+            else dt.datetime.fromtimestamp(claim.settled_at_ms / 1000, dt.UTC),
             advance_fen=claim.advance_collected_fen,
             balance_fen=claim.balance_fen,
         )

@@ -19,6 +19,7 @@ from adapters.backoffice import SqlBackOffice
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
+from adapters.reconciliation import Reconciler
 from adapters.review_desk import ReviewDeskSettings
 from bus.db import Database, SqliteDatabase, open_database
 from bus.envelope import now_ms
@@ -127,6 +128,8 @@ class ProvinceSystem:
             instant_deadline_s=instant_deadline_s,
             delayed_deadline_s=delayed_deadline_s,
         )
+        self.reconciler = Reconciler(self.node, self.backoffice, self.db)
+        """Daily reconciliation (对账): states this host's days, answers its hosts'."""
 
     async def start(self) -> ProvinceSystem:
         """Start the node (consuming the province's inbox) and the escalation of fallen-back

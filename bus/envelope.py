@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -46,6 +47,8 @@ from bus.models import (
     FilingReceipt,
     FilingUpload,
     Message,
+    ReconciliationResult,
+    ReconciliationStatement,
     RequestAcknowledgement,
     ReversalRequest,
     ReversalResult,
@@ -64,17 +67,23 @@ FAMILY_OF: dict[type[Message], str] = {
     RequestAcknowledgement: FAMILY_REPLY,
     ReversalRequest: FAMILY_CLAIM,
     ReversalResult: FAMILY_REPLY,
+    ReconciliationStatement: FAMILY_SETTLEMENT,
+    ReconciliationResult: FAMILY_REPLY,
 }
 """The topic family each message type travels on (a reversal goes where its claim went, keyed
-by the same person: it cannot overtake the claim)."""
+by the same person: it cannot overtake the claim; a day's statement goes where the day's
+settlement notices went)."""
 
-REQUESTS: frozenset[type[Message]] = frozenset({FilingUpload, ClaimPackage, ReversalRequest})
+REQUESTS: frozenset[type[Message]] = frozenset(
+    {FilingUpload, ClaimPackage, ReversalRequest, ReconciliationStatement}
+)
 """Message types that are requests and get exactly one terminal answer."""
 
 REPLY_OF: dict[type[Message], type[Message]] = {
     FilingUpload: FilingReceipt,
     ClaimPackage: ReviewResult,
     ReversalRequest: ReversalResult,
+    ReconciliationStatement: ReconciliationResult,
 }
 """The reply type that answers each request type (else an ErrorReport)."""
 
@@ -87,6 +96,8 @@ SUBJECT_OF: dict[type[Message], str] = {
     RequestAcknowledgement: "subject_id",
     ReversalRequest: "reversal_id",
     ReversalResult: "reversal_id",
+    ReconciliationStatement: "statement_id",
+    ReconciliationResult: "statement_id",
 }
 """The payload field naming what a message is about: a reply must name the same one as its
 request."""
@@ -95,6 +106,7 @@ ISSUED_ID: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("filing_id", "F"),
     ClaimPackage: ("claim_id", "C"),
     ReversalRequest: ("reversal_id", "V"),
+    ReconciliationStatement: ("statement_id", "S"),
 }
 """Requests whose id names who issued it: ``<letter>-<code>-<rest>`` where ``<code>`` is the
 sending province or one of its regions (``C-460000-H46010001-…``, ``F-130100-…``), so no
@@ -104,8 +116,21 @@ ROUTES: dict[type[Message], tuple[str, str]] = {
     FilingUpload: ("home_region", "host_region"),
     ClaimPackage: ("host_region", "home_region"),
     ReversalRequest: ("host_region", "home_region"),
+    ReconciliationStatement: ("host", "home"),
 }
-"""Payload fields whose provinces must equal (``xs-source``, ``xs-target``)."""
+"""Payload fields whose provinces must equal (``xs-source``, ``xs-target``) (a province code
+is its own province)."""
+
+
+def _statement_key(message: Message) -> str:
+    assert isinstance(message, ReconciliationStatement)
+    return f"{message.host}:{message.day.isoformat()}"
+
+
+KEY_OF: dict[type[Message], Callable[[Message], str]] = {
+    ReconciliationStatement: _statement_key,
+}
+"""Families keyed otherwise than by person id (a day's statement of a province pair)."""
 
 
 def now_ms() -> int:
@@ -285,7 +310,14 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
                 f"the {message.avro_name} says {src}->{dst}",
             )
     elif (
-        type(message) in (FilingReceipt, ReviewResult, RequestAcknowledgement, ReversalResult)
+        type(message)
+        in (
+            FilingReceipt,
+            ReviewResult,
+            RequestAcknowledgement,
+            ReversalResult,
+            ReconciliationResult,
+        )
         and envelope.correlation_id is None
     ):
         raise DecodeError("missing_header", "a reply needs xs-correlation-id")

@@ -137,6 +137,8 @@ class ErrorCode(StrEnum):
     SIGNATURE_INVALID = "SIGNATURE_INVALID"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     UNKNOWN = "UNKNOWN"
+    # Symbols are only appended (after UNKNOWN too): an old reader reads a new one as UNKNOWN.
+    RECONCILIATION_MISMATCH = "RECONCILIATION_MISMATCH"
 
 
 class Severity(StrEnum):
@@ -343,6 +345,87 @@ class ReversalResult(Message):
     decided_at: Timestamp
 
 
+class ReconciliationOutcome(StrEnum):
+    """The home's verdict on a day's statement (对账, contract v1.3)."""
+
+    MATCHED = "MATCHED"
+    MISMATCHED = "MISMATCHED"
+    UNKNOWN = "UNKNOWN"
+
+
+class DifferenceKind(StrEnum):
+    """How host and home disagree about one claim (contract v1.3)."""
+
+    MISSING_AT_HOME = "MISSING_AT_HOME"
+    MISSING_AT_HOST = "MISSING_AT_HOST"
+    AMOUNT_DIFFERS = "AMOUNT_DIFFERS"
+    REVERSAL_DIFFERS = "REVERSAL_DIFFERS"
+    UNKNOWN = "UNKNOWN"
+
+
+class ReconciliationLine(BaseModel):
+    """One claim a host settled with a home on the statement's day."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    claim_id: str
+    total_fen: Fen
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    personal_fen: Fen
+    advance_fen: Fen
+    reversed: bool
+
+
+class ReconciliationStatement(Message):
+    """The host's totals and lines of one day with one home (request, settlement family,
+    contract v1.3); see ``adapters.reconciliation`` for the digest's canonical form."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ReconciliationStatement"
+    statement_id: str
+    host: str
+    home: str
+    day: dt.date
+    count: int
+    total_fen: Fen
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    personal_fen: Fen
+    advance_fen: Fen
+    digest: str
+    lines: tuple[ReconciliationLine, ...]
+    stated_at: Timestamp
+
+
+class ReconciliationDifference(BaseModel):
+    """One claim on which host and home disagree."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    claim_id: str
+    kind: DifferenceKind
+    host_fund_fen: Fen | None = None
+    home_fund_fen: Fen | None = None
+    responsible: str
+    note: str
+
+
+class ReconciliationResult(Message):
+    """The home's one terminal answer to a statement (reply, contract v1.3)."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ReconciliationResult"
+    statement_id: str
+    day: dt.date
+    outcome: ReconciliationOutcome
+    count: int
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    personal_fen: Fen
+    differences: tuple[ReconciliationDifference, ...]
+    reconciled_at: Timestamp
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     FilingUpload,
     FilingReceipt,
@@ -353,6 +436,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestAcknowledgement,
     ReversalRequest,
     ReversalResult,
+    ReconciliationStatement,
+    ReconciliationResult,
 )
 """Every top-level family, in contract order."""
 

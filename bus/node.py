@@ -116,6 +116,7 @@ from bus.db import Step
 from bus.deadletter import dead_letter, record_size
 from bus.envelope import (
     FAMILY_OF,
+    KEY_OF,
     REPLY_OF,
     REQUESTS,
     ROUTES,
@@ -310,7 +311,11 @@ def report(
 
 
 def message_key(message: Message) -> bytes | None:
-    """The record key of a message: its person id, UTF-8 (None if it carries none)."""
+    """The record key of a message: the contract's key of its family (a reconciliation
+    statement: ``<host>:<day>``), else its person id, UTF-8 (None if it carries none)."""
+    keyed = KEY_OF.get(type(message))
+    if keyed is not None:
+        return keyed(message).encode("utf-8")
     person = getattr(message, "person_id", None)
     return person.encode("utf-8") if isinstance(person, str) else None
 

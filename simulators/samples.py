@@ -21,6 +21,10 @@ from bus.models import (
     ItemAdjustment,
     ItemCategory,
     Message,
+    ReconciliationLine,
+    ReconciliationOutcome,
+    ReconciliationResult,
+    ReconciliationStatement,
     RequestAcknowledgement,
     ReversalDecision,
     ReversalReason,
@@ -216,6 +220,56 @@ def reversal_result() -> ReversalResult:
     )
 
 
+def reconciliation_statement() -> ReconciliationStatement:
+    """The host's statement of the day :func:`notice` settled, with its one claim."""
+    from adapters.reconciliation import china_day, digest
+
+    settled, paid = claim(), notice()
+    line = ReconciliationLine(
+        claim_id=settled.claim_id,
+        total_fen=settled.total_fen,
+        fund_fen=paid.fund_fen,
+        critical_illness_fen=paid.critical_illness_fen,
+        assistance_fen=paid.assistance_fen,
+        personal_fen=paid.personal_paid_fen,
+        advance_fen=settled.advance_fen,
+        reversed=False,
+    )
+    return ReconciliationStatement(
+        statement_id="S-460000-20260517-1",
+        host="460000",
+        home="130000",
+        day=china_day(paid.settled_at),
+        count=1,
+        total_fen=line.total_fen,
+        fund_fen=line.fund_fen,
+        critical_illness_fen=line.critical_illness_fen,
+        assistance_fen=line.assistance_fen,
+        personal_fen=line.personal_fen,
+        advance_fen=line.advance_fen,
+        digest=digest([line]),
+        lines=(line,),
+        stated_at=AT + dt.timedelta(hours=16),
+    )
+
+
+def reconciliation_result() -> ReconciliationResult:
+    """The home's MATCHED answer to :func:`reconciliation_statement`."""
+    stated = reconciliation_statement()
+    return ReconciliationResult(
+        statement_id=stated.statement_id,
+        day=stated.day,
+        outcome=ReconciliationOutcome.MATCHED,
+        count=stated.count,
+        fund_fen=stated.fund_fen,
+        critical_illness_fen=stated.critical_illness_fen,
+        assistance_fen=stated.assistance_fen,
+        personal_fen=stated.personal_fen,
+        differences=(),
+        reconciled_at=AT + dt.timedelta(hours=16, minutes=1),
+    )
+
+
 ALL: tuple[Message, ...] = (
     filing(),
     receipt(),
@@ -226,5 +280,7 @@ ALL: tuple[Message, ...] = (
     acknowledgement(),
     reversal_request(),
     reversal_result(),
+    reconciliation_statement(),
+    reconciliation_result(),
 )
 """One valid message of every family."""
