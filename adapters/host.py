@@ -877,6 +877,29 @@ class HostRole:
         await self.node.delivered(step)
         return rid
 
+    async def resend_notice(self, claim_id: str, *, operator: str = "ops") -> None:
+        """Send a settled claim's SettlementNotice to its home again, in one step: what a
+        reconciliation's ``MISSING_AT_HOME`` asks of the host (the home keeps a notice once
+        per claim, so a second copy changes nothing). ``ClaimActionRefused`` unless SETTLED."""
+        async with self.node.step() as step:
+            claim = self.backoffice.claim(claim_id)
+            if claim is None:
+                raise ClaimActionRefused(f"no claim {claim_id} at {self.province}")
+            if claim.state is not ClaimState.SETTLED or claim.review is None:
+                raise ClaimActionRefused(
+                    f"claim {claim_id} is {claim.state.name}: only a settled claim has a notice"
+                )
+            await self._notify(claim, claim.review)
+            self._event(
+                claim,
+                ClaimEventKind.SETTLED,
+                f"settlement notice sent to {_home(claim)} again by {operator}",
+                operator=operator,
+                notice_resent=1,
+            )
+        log.info("notice_resent", claim_id=claim_id, operator=operator)
+        await self.node.delivered(step)
+
     async def _on_reversal_answer(self, answer: Answer) -> None:
         """The home's answer to a reversal, in the step that stores it. Confirmed: the claim
         is REVERSED and the patient is given back what he paid for it (the advance and a

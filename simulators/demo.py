@@ -54,6 +54,7 @@ from bus.models import (
 from bus.pg import EmbeddedPostgres, is_postgres_url, masked_url
 from bus.settings import BusSettings
 from bus.transport import Consumer
+from simulators.closing import DayClose, close_day, plant_reversals
 from simulators.desks import GatewayDesks, Refused
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
@@ -66,6 +67,8 @@ T = TypeVar("T")
 
 DAY = dt.datetime(2026, 5, 8, 8, 0, tzinfo=dt.UTC)
 """The simulated day; filings are valid before it."""
+DEMO_REVERSALS: Final = 3
+"""Settled claims the demo's hosts cancel at the end of the day (a duplicate bill each)."""
 FILINGS_IN_FLIGHT: Final = 24
 """Filings the agency counters send at once, across provinces (each waits for the broker)."""
 HOSPITAL_CONNECTIONS: Final = 16
@@ -199,6 +202,8 @@ class Simulation:
         self.journals: dict[str, DeskJournal] = {}
         self.reviewers: dict[str, list[SimulatedReviewer]] = {}
         self.max_backlog = 0
+        self.day_close = DayClose()
+        """The end of the day (reversals, reconciliation), once :meth:`run` played it."""
         self.expected: dict[str, str] = {}
         self.refusals: list[tuple[str, str]] = []
         self.dead_letters_expected = 0
@@ -636,6 +641,12 @@ class Simulation:
         await asyncio.sleep(0.5)  # let settlement notices and reports arrive
         if self.progress:
             print(file=sys.stderr)
+        rng = random.Random(self.scenario.seed)
+        reversed_claims = await plant_reversals(self.systems, DEMO_REVERSALS, rng)
+        for _, claim_id in reversed_claims:
+            self.expected[claim_id] = "REVERSED"
+        self.day_close = await close_day(self.systems, rng)
+        self.day_close.reversed = reversed_claims
         facts = await self.facts()
         facts.duration_s = time.monotonic() - began
         return facts
@@ -702,6 +713,22 @@ class Simulation:
             for reviewer in team:
                 facts.review_decisions.update(reviewer.decided)
         facts.max_backlog = self.max_backlog
+        close = self.day_close
+        facts.reversals_planted = len(close.reversed)
+        facts.planted_mismatch = close.planted
+        for round_, records in (("first", close.first), ("again", close.restated)):
+            for host, rec in records:
+                facts.reconciliations.append(
+                    {
+                        "host": host, "home": rec.home, "round": round_,
+                        "outcome": rec.outcome, "count": rec.count, "fund_fen": rec.fund_fen,
+                        "differences": [
+                            {"claim_id": d.claim_id, "kind": d.kind.value,
+                             "responsible": d.responsible}
+                            for d in rec.differences
+                        ],
+                    }
+                )  # fmt: skip
         facts.open_reviews_left = sum(
             s.home.desk.count_open() for s in self.systems.values() if s.home.desk is not None
         )

@@ -13,7 +13,7 @@ from typing import Any
 from adapters.rules import MAX_ADVANCE_PERMILLE, max_advance_fen
 from bus.models import yuan
 
-TERMINAL = ("SETTLED", "REFUSED", "CLOSED_BY_OPERATOR")
+TERMINAL = ("SETTLED", "REFUSED", "CLOSED_BY_OPERATOR", "REVERSED")
 """Host claim states that end a claim (adapters.backoffice.TERMINAL_STATES)."""
 PAID = ("SETTLED", "REFUSED")
 """Terminal states whose money the conservation check covers (a claim closed by an operator
@@ -67,6 +67,13 @@ class Facts:
     """Host claims whose request the home acknowledged (held for review)."""
     open_reviews_left: int = 0
     """Reviews still open at the homes' desks when the day ended (should be none)."""
+    reversals_planted: int = 0
+    """Settled claims cancelled at the end of the day (and confirmed by their homes)."""
+    planted_mismatch: tuple[str, str, str] | None = None
+    """(host, home, claim id) of the settlement notice lost on purpose before reconciling."""
+    reconciliations: list[dict[str, Any]] = field(default_factory=list)
+    """Every statement of the day: host, home, round (first, again), outcome, count,
+    fund_fen, differences (claim_id, kind, responsible)."""
 
 
 @dataclass
@@ -79,7 +86,10 @@ class Check:
 
 
 def _paid_by_patient(c: ClaimFact) -> int:
-    sign = {"ADVANCE": 1, "TOP_UP": 1, "FULL": 1, "REFUND": -1}
+    sign = {
+        "ADVANCE": 1, "TOP_UP": 1, "FULL": 1, "REFUND": -1,
+        "REVERSAL_REFUND": -1, "REVERSAL_RECOVERY": 1,
+    }  # fmt: skip
     return sum(sign.get(kind, 0) * fen for kind, fen in c.payments)
 
 
@@ -108,7 +118,9 @@ def check_invariants(facts: Facts) -> list[Check]:
             split = c.fund_fen + c.critical_illness_fen + c.assistance_fen + c.personal_fen
             if split != c.total_fen or paid != c.personal_fen:
                 bad_money.append(c.claim_id)
-        elif c.state == "REFUSED" and paid != c.total_fen:
+        elif (c.state == "REFUSED" and paid != c.total_fen) or (
+            c.state == "REVERSED" and paid != 0
+        ):
             bad_money.append(c.claim_id)
     total = sum(c.total_fen for c in facts.claims if c.state in PAID)
     funds = sum(
@@ -176,7 +188,48 @@ def check_invariants(facts: Facts) -> list[Check]:
             "acknowledged by their homes",
         )
     )
+    checks.append(_reconciled(facts))
     return checks
+
+
+def _reconciled(facts: Facts) -> Check:
+    """The day reconciles for every pair: the first round finds exactly the planted lost
+    notice, as MISSING_AT_HOME with its host responsible, reported to it; after the host
+    re-sent it, every pair's latest statement is MATCHED."""
+    name = "the day reconciles for every pair; the planted lost notice found and attributed"
+    if not facts.reconciliations:
+        return Check(name, True, "no claims settled between simulated provinces")
+    first = [r for r in facts.reconciliations if r["round"] == "first"]
+    found = [(r["host"], d) for r in first for d in r["differences"]]
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in facts.reconciliations:
+        latest[(r["host"], r["home"])] = r
+    unmatched = [
+        f"{h}->{m}: {r['outcome']}" for (h, m), r in latest.items() if r["outcome"] != "MATCHED"
+    ]
+    planted = facts.planted_mismatch
+    problems = list(unmatched)
+    if planted is not None:
+        host, _, claim_id = planted
+        expected = [(host, {"claim_id": claim_id, "kind": "MISSING_AT_HOME", "responsible": host})]
+        if found != expected:
+            problems.append(f"found {found[:3]}, expected the lost notice of {claim_id}")
+        reported = any(
+            e.get("code") == "RECONCILIATION_MISMATCH" and e.get("responsible") == host
+            for e in facts.errors
+        )
+        if not reported:
+            problems.append(f"no RECONCILIATION_MISMATCH report to {host}")
+    elif found:
+        problems.append(f"unplanted differences: {found[:3]}")
+    return Check(
+        name,
+        not problems,
+        f"{len(latest)} pairs, {len(first)} statements, "
+        f"{sum(r['count'] for r in latest.values())} claims stated"
+        + (f"; {len(found)} difference found and put right" if planted and not problems else "")
+        + (f"; {'; '.join(problems[:4])}" if problems else ""),
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -201,7 +254,9 @@ def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dic
         money["assistance"] += c.assistance_fen
         money["personal"] += _paid_by_patient(c)
         for kind, fen in c.payments:
-            money[{"ADVANCE": "advances", "REFUND": "refunds", "TOP_UP": "top_ups"}.get(
+            money[{"ADVANCE": "advances", "REFUND": "refunds", "TOP_UP": "top_ups",
+                   "REVERSAL_REFUND": "reversal_refunds",
+                   "REVERSAL_RECOVERY": "reversal_recoveries"}.get(
                 kind, "paid_in_full")] += fen  # fmt: skip
     errors = Counter((e["code"], e["responsible"]) for e in facts.errors)
     return {
@@ -233,6 +288,13 @@ def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dic
         if facts.duration_s
         else 0.0,
         "duration_s": round(facts.duration_s, 2),
+        "reversals": facts.reversals_planted,
+        "reconciliation": {
+            "planted_lost_notice": None
+            if facts.planted_mismatch is None
+            else dict(zip(("host", "home", "claim_id"), facts.planted_mismatch, strict=True)),
+            "statements": facts.reconciliations,
+        },
         "invariants": [asdict(c) for c in checks],
         "ok": all(c.ok for c in checks),
     }
@@ -267,8 +329,10 @@ def render(report: dict[str, Any]) -> str:
         )
     lines.append("\nMoney (yuan)")
     for key in ("total", "fund", "critical_illness", "assistance", "personal", "advances",
-                "refunds", "top_ups", "paid_in_full"):  # fmt: skip
+                "refunds", "top_ups", "paid_in_full", "reversal_refunds",
+                "reversal_recoveries"):  # fmt: skip
         lines.append(f"  {key:<18}{yuan(report['money_fen'].get(key, 0)):>18}")
+    lines.extend(_render_day_close(report))
     lines.append("\nError reports by code and responsible province")
     for row in report["errors_by_code_and_responsible"]:
         lines.append(f"  {row['code']:<26}{row['responsible']:<10}{row['count']:>6}")
@@ -284,3 +348,39 @@ def render(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("ALL INVARIANTS HOLD" if report["ok"] else "INVARIANTS FAILED")
     return "\n".join(lines)
+
+
+def _render_day_close(report: dict[str, Any]) -> list[str]:
+    """The end of the day: reversals and the reconciliation table (host -> home)."""
+    rec = report.get("reconciliation") or {}
+    statements = rec.get("statements") or []
+    if not statements and not report.get("reversals"):
+        return []
+    lines = [f"\nEnd of the day: {report.get('reversals', 0)} settled claims reversed (duplicate "
+             "bills), then daily reconciliation (对账), host -> home"]  # fmt: skip
+    lines.append(f"  {'pair':<16}{'claims':>7}{'fund (yuan)':>16}  outcome")
+    final: dict[tuple[str, str], dict[str, Any]] = {}
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in statements:
+        key = (r["host"], r["home"])
+        final[key] = r
+        if r["round"] == "first":
+            first[key] = r
+    for (host, home), r in sorted(final.items()):
+        was = first.get((host, home), r)
+        outcome = r["outcome"]
+        if was is not r:
+            outcome = f"{was['outcome']} -> {r['outcome']} (restated)"
+        lines.append(f"  {host}->{home:<8}{r['count']:>7}{yuan(r['fund_fen']):>16}  {outcome}")
+    planted = rec.get("planted_lost_notice")
+    if planted:
+        found = [d for r in statements if r["round"] == "first" for d in r["differences"]]
+        seen = ", ".join(
+            f"{d['kind']} of {d['claim_id']}, {d['responsible']} to act" for d in found
+        )
+        lines.append(
+            f"  planted: the notice of {planted['claim_id']} lost on its way to "
+            f"{planted['home']}; found: {seen or 'nothing'}; {planted['host']} re-sent the "
+            "notice and stated the day again"
+        )
+    return lines
