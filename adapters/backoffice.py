@@ -990,3 +990,28 @@ class SqlBackOffice:
                 notice, None if total is None else int(total), bool(reversed_),
             )  # fmt: skip
         return [found[c] for c in sorted(found)]
+
+    # --- monthly clearing (清算, contract v1.3) -----------------------------------------------
+    def clearing_books(
+        self, host: str, claim_ids: Sequence[str]
+    ) -> dict[str, tuple[ReviewResult, bool, bool]]:
+        """The home's books on ``claim_ids`` reviewed for ``host`` (others are left out): claim
+        id → (the review, True when the host's settlement notice came, True when a reversal of
+        the claim was confirmed)."""
+        select = (
+            "SELECT r.claim_id, r.data, EXISTS (SELECT 1 FROM settlements s WHERE s.claim_id = "
+            "r.claim_id), EXISTS (SELECT 1 FROM reversals v WHERE v.claim_id = r.claim_id AND "
+            "v.decision = ?) FROM reviews r WHERE r.host = ? AND r.claim_id IN "
+        )
+        confirmed = ReversalDecision.CONFIRMED.value
+        ids = list(dict.fromkeys(claim_ids))
+        found: dict[str, tuple[ReviewResult, bool, bool]] = {}
+        for at in range(0, len(ids), 500):  # bounded parameter lists (SQLite allows 32,766)
+            chunk = ids[at : at + 500]
+            for claim_id, data, settled, reversed_ in self._all(
+                select + f"({_marks(len(chunk))})", (confirmed, host, *chunk)
+            ):
+                found[str(claim_id)] = (
+                    ReviewResult.model_validate_json(data), bool(settled), bool(reversed_),
+                )  # fmt: skip
+        return found

@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from adapters.backoffice import SqlBackOffice
+from adapters.clearing import Clearing
 from adapters.directory import Directory
 from adapters.home import HomeRole
 from adapters.host import DELAYED_DEADLINE_S, INSTANT_DEADLINE_S, HostRole
@@ -130,6 +131,8 @@ class ProvinceSystem:
         )
         self.reconciler = Reconciler(self.node, self.backoffice, self.db)
         """Daily reconciliation (对账): states this host's days, answers its hosts'."""
+        self.clearing = Clearing(self.node, self.backoffice, self.db)
+        """Monthly clearing (清算): states this host's months, answers its hosts'."""
 
     async def start(self) -> ProvinceSystem:
         """Start the node (consuming the province's inbox) and the escalation of fallen-back

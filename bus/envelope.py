@@ -43,6 +43,8 @@ from bus.constants import topic as topic_name
 from bus.errors import DecodeError
 from bus.models import (
     ClaimPackage,
+    ClearingResponse,
+    ClearingStatement,
     ErrorReport,
     FilingReceipt,
     FilingUpload,
@@ -69,13 +71,15 @@ FAMILY_OF: dict[type[Message], str] = {
     ReversalResult: FAMILY_REPLY,
     ReconciliationStatement: FAMILY_SETTLEMENT,
     ReconciliationResult: FAMILY_REPLY,
+    ClearingStatement: FAMILY_SETTLEMENT,
+    ClearingResponse: FAMILY_REPLY,
 }
 """The topic family each message type travels on (a reversal goes where its claim went, keyed
 by the same person: it cannot overtake the claim; a day's statement goes where the day's
-settlement notices went)."""
+settlement notices went, and so does a month's clearing statement)."""
 
 REQUESTS: frozenset[type[Message]] = frozenset(
-    {FilingUpload, ClaimPackage, ReversalRequest, ReconciliationStatement}
+    {FilingUpload, ClaimPackage, ReversalRequest, ReconciliationStatement, ClearingStatement}
 )
 """Message types that are requests and get exactly one terminal answer."""
 
@@ -84,6 +88,7 @@ REPLY_OF: dict[type[Message], type[Message]] = {
     ClaimPackage: ReviewResult,
     ReversalRequest: ReversalResult,
     ReconciliationStatement: ReconciliationResult,
+    ClearingStatement: ClearingResponse,
 }
 """The reply type that answers each request type (else an ErrorReport)."""
 
@@ -98,6 +103,8 @@ SUBJECT_OF: dict[type[Message], str] = {
     ReversalResult: "reversal_id",
     ReconciliationStatement: "statement_id",
     ReconciliationResult: "statement_id",
+    ClearingStatement: "statement_id",
+    ClearingResponse: "statement_id",
 }
 """The payload field naming what a message is about: a reply must name the same one as its
 request."""
@@ -107,6 +114,7 @@ ISSUED_ID: dict[type[Message], tuple[str, str]] = {
     ClaimPackage: ("claim_id", "C"),
     ReversalRequest: ("reversal_id", "V"),
     ReconciliationStatement: ("statement_id", "S"),
+    ClearingStatement: ("statement_id", "S"),
 }
 """Requests whose id names who issued it: ``<letter>-<code>-<rest>`` where ``<code>`` is the
 sending province or one of its regions (``C-460000-H46010001-…``, ``F-130100-…``), so no
@@ -117,6 +125,7 @@ ROUTES: dict[type[Message], tuple[str, str]] = {
     ClaimPackage: ("host_region", "home_region"),
     ReversalRequest: ("host_region", "home_region"),
     ReconciliationStatement: ("host", "home"),
+    ClearingStatement: ("host", "home"),
 }
 """Payload fields whose provinces must equal (``xs-source``, ``xs-target``) (a province code
 is its own province)."""
@@ -127,10 +136,17 @@ def _statement_key(message: Message) -> str:
     return f"{message.host}:{message.day.isoformat()}"
 
 
+def _clearing_key(message: Message) -> str:
+    assert isinstance(message, ClearingStatement)
+    return f"{message.host}:{message.month}"
+
+
 KEY_OF: dict[type[Message], Callable[[Message], str]] = {
     ReconciliationStatement: _statement_key,
+    ClearingStatement: _clearing_key,
 }
-"""Families keyed otherwise than by person id (a day's statement of a province pair)."""
+"""Families keyed otherwise than by person id (a day's or a month's statement of a province
+pair)."""
 
 
 def now_ms() -> int:
@@ -317,6 +333,7 @@ def check(envelope: Envelope, message: Message, topic: str) -> None:
             RequestAcknowledgement,
             ReversalResult,
             ReconciliationResult,
+            ClearingResponse,
         )
         and envelope.correlation_id is None
     ):

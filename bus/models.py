@@ -139,6 +139,7 @@ class ErrorCode(StrEnum):
     UNKNOWN = "UNKNOWN"
     # Symbols are only appended (after UNKNOWN too): an old reader reads a new one as UNKNOWN.
     RECONCILIATION_MISMATCH = "RECONCILIATION_MISMATCH"
+    CLEARING_DISPUTED = "CLEARING_DISPUTED"
 
 
 class Severity(StrEnum):
@@ -426,6 +427,69 @@ class ReconciliationResult(Message):
     reconciled_at: Timestamp
 
 
+class ClearingDecision(StrEnum):
+    """The home's answer to a month's clearing statement (清算, contract v1.3)."""
+
+    CONFIRMED = "CONFIRMED"
+    DISPUTED = "DISPUTED"
+    UNKNOWN = "UNKNOWN"
+
+
+class ClearingLine(BaseModel):
+    """One claim a host settled with a home in the statement's month."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    claim_id: str
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    reversed: bool
+
+
+class ClearingStatement(Message):
+    """What the home's funds owe the host for one month (request, settlement family, contract
+    v1.3); see ``adapters.clearing``."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ClearingStatement"
+    statement_id: str
+    host: str
+    home: str
+    month: str
+    version: int
+    replaces: str | None = None
+    claims: int
+    fund_fen: Fen
+    critical_illness_fen: Fen
+    assistance_fen: Fen
+    reversed_claims: int
+    owed_fen: Fen
+    lines: tuple[ClearingLine, ...]
+    stated_at: Timestamp
+
+
+class ClearingDispute(BaseModel):
+    """One line of a clearing statement the home does not accept."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    claim_id: str
+    reason_code: str
+    note: str
+    home_owed_fen: Fen | None = None
+
+
+class ClearingResponse(Message):
+    """The home's one terminal answer to a clearing statement (reply, contract v1.3)."""
+
+    avro_name: ClassVar[str] = "xsettle.v1.ClearingResponse"
+    statement_id: str
+    month: str
+    decision: ClearingDecision
+    confirmed_fen: Fen
+    disputed_fen: Fen
+    disputes: tuple[ClearingDispute, ...]
+    decided_at: Timestamp
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     FilingUpload,
     FilingReceipt,
@@ -438,6 +502,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ReversalResult,
     ReconciliationStatement,
     ReconciliationResult,
+    ClearingStatement,
+    ClearingResponse,
 )
 """Every top-level family, in contract order."""
 

@@ -312,7 +312,8 @@ def report(
 
 def message_key(message: Message) -> bytes | None:
     """The record key of a message: the contract's key of its family (a reconciliation
-    statement: ``<host>:<day>``), else its person id, UTF-8 (None if it carries none)."""
+    statement: ``<host>:<day>``, a clearing statement: ``<host>:<month>``), else its person
+    id, UTF-8 (None if it carries none)."""
     keyed = KEY_OF.get(type(message))
     if keyed is not None:
         return keyed(message).encode("utf-8")

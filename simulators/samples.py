@@ -9,6 +9,10 @@ from bus.models import (
     CatalogueClass,
     ClaimItem,
     ClaimPackage,
+    ClearingDecision,
+    ClearingLine,
+    ClearingResponse,
+    ClearingStatement,
     ErrorCode,
     ErrorReport,
     FilingAction,
@@ -270,6 +274,52 @@ def reconciliation_result() -> ReconciliationResult:
     )
 
 
+def clearing_statement() -> ClearingStatement:
+    """The host's first clearing statement of the month :func:`notice` settled, with its one
+    claim (the shares the home reviewed in :func:`review`)."""
+    from adapters.clearing import china_month
+
+    paid = notice()
+    line = ClearingLine(
+        claim_id=paid.claim_id,
+        fund_fen=paid.fund_fen,
+        critical_illness_fen=paid.critical_illness_fen,
+        assistance_fen=paid.assistance_fen,
+        reversed=False,
+    )
+    owed = line.fund_fen + line.critical_illness_fen + line.assistance_fen
+    return ClearingStatement(
+        statement_id="S-460000-202605-1",
+        host="460000",
+        home="130000",
+        month=china_month(paid.settled_at),
+        version=1,
+        replaces=None,
+        claims=1,
+        fund_fen=line.fund_fen,
+        critical_illness_fen=line.critical_illness_fen,
+        assistance_fen=line.assistance_fen,
+        reversed_claims=0,
+        owed_fen=owed,
+        lines=(line,),
+        stated_at=AT + dt.timedelta(days=15),
+    )
+
+
+def clearing_response() -> ClearingResponse:
+    """The home's CONFIRMED answer to :func:`clearing_statement`."""
+    stated = clearing_statement()
+    return ClearingResponse(
+        statement_id=stated.statement_id,
+        month=stated.month,
+        decision=ClearingDecision.CONFIRMED,
+        confirmed_fen=stated.owed_fen,
+        disputed_fen=0,
+        disputes=(),
+        decided_at=AT + dt.timedelta(days=15, minutes=1),
+    )
+
+
 ALL: tuple[Message, ...] = (
     filing(),
     receipt(),
@@ -282,5 +332,7 @@ ALL: tuple[Message, ...] = (
     reversal_result(),
     reconciliation_statement(),
     reconciliation_result(),
+    clearing_statement(),
+    clearing_response(),
 )
 """One valid message of every family."""
