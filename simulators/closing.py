@@ -12,6 +12,9 @@ a task for the province that must act. The demo plays that out:
    (``MISSING_AT_HOME``, the host responsible, an ``ErrorReport``); the host re-sends the
    notice and states the pair's day again, which matches.
 
+3. :func:`close_month`: month-end clearing (清算, :mod:`adapters.clearing`): every host states
+   what each home's funds owe it for the month, net of the reversals; the homes confirm.
+
 What happened is kept in :class:`DayClose` for the report and the invariants.
 """
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from adapters.backoffice import ClaimState
+from adapters.clearing import ClearingView, china_month
 from adapters.directory import province_of
 from adapters.province import ProvinceSystem
 from adapters.reconciliation import StatementRecord, china_day
@@ -53,6 +57,10 @@ class DayClose:
     """(host, record) of every statement of the day's first round."""
     restated: list[tuple[str, StatementRecord]] = field(default_factory=list)
     """(host, record) of the statements sent again after the host acted."""
+    month: str | None = None
+    """The month cleared (China Standard Time)."""
+    clearing: list[ClearingView] = field(default_factory=list)
+    """The month's clearing as each host stated it and its home answered."""
 
     def final(self) -> dict[tuple[str, str], StatementRecord]:
         """The latest statement of every (host, home) pair."""
@@ -125,6 +133,23 @@ async def close_day(
     log.info(
         "day_closed", day=day.isoformat(), pairs=len(close.final()),
         matched=sum(r.outcome == "MATCHED" for r in close.final().values()),
+    )  # fmt: skip
+    return close
+
+
+async def close_month(systems: Mapping[str, ProvinceSystem], close: DayClose) -> DayClose:
+    """Month-end clearing of this month (China time): every host states what each home owes
+    it, the homes answer; ``close.clearing`` gets each pair's latest statement (host side)."""
+    month = china_month(dt.datetime.now(dt.UTC))
+    close.month = month
+    for system in systems.values():
+        ids = await system.clearing.state_all(month)
+        await system.clearing.wait_answered(ids, ANSWER_WAIT_S)
+    for system in systems.values():
+        close.clearing.extend(v for v in system.clearing.overview(month) if v.side == "host")
+    log.info(
+        "month_cleared", month=month, pairs=len(close.clearing),
+        confirmed=sum(v.outcome == "CONFIRMED" for v in close.clearing),
     )  # fmt: skip
     return close
 

@@ -54,7 +54,7 @@ from bus.models import (
 from bus.pg import EmbeddedPostgres, is_postgres_url, masked_url
 from bus.settings import BusSettings
 from bus.transport import Consumer
-from simulators.closing import DayClose, close_day, plant_reversals
+from simulators.closing import DayClose, close_day, close_month, plant_reversals
 from simulators.desks import GatewayDesks, Refused
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
@@ -647,6 +647,7 @@ class Simulation:
             self.expected[claim_id] = "REVERSED"
         self.day_close = await close_day(self.systems, rng)
         self.day_close.reversed = reversed_claims
+        await close_month(self.systems, self.day_close)
         facts = await self.facts()
         facts.duration_s = time.monotonic() - began
         return facts
@@ -715,6 +716,14 @@ class Simulation:
         facts.max_backlog = self.max_backlog
         close = self.day_close
         facts.reversals_planted = len(close.reversed)
+        facts.clearing = [
+            {
+                "host": v.host, "home": v.home, "month": v.month, "outcome": v.outcome,
+                "version": v.version, "claims": v.stated_claims, "stated_fen": v.stated_fen,
+                "confirmed_fen": v.confirmed_fen, "disputed_fen": v.disputed_fen,
+            }
+            for v in close.clearing
+        ]  # fmt: skip
         facts.planted_mismatch = close.planted
         for round_, records in (("first", close.first), ("again", close.restated)):
             for host, rec in records:

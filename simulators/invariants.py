@@ -71,6 +71,9 @@ class Facts:
     """Settled claims cancelled at the end of the day (and confirmed by their homes)."""
     planted_mismatch: tuple[str, str, str] | None = None
     """(host, home, claim id) of the settlement notice lost on purpose before reconciling."""
+    clearing: list[dict[str, Any]] = field(default_factory=list)
+    """The month's clearing per pair (host side, latest version): host, home, month, outcome,
+    version, claims, stated_fen, confirmed_fen, disputed_fen."""
     reconciliations: list[dict[str, Any]] = field(default_factory=list)
     """Every statement of the day: host, home, round (first, again), outcome, count,
     fund_fen, differences (claim_id, kind, responsible)."""
@@ -189,7 +192,39 @@ def check_invariants(facts: Facts) -> list[Check]:
         )
     )
     checks.append(_reconciled(facts))
+    checks.append(_cleared(facts))
     return checks
+
+
+def _cleared(facts: Facts) -> Check:
+    """Month-end clearing: every pair CONFIRMED, and what each home confirmed it owes equals
+    the fund, critical-illness and assistance shares of the claims its host settled with it
+    (reversed ones owe nothing)."""
+    name = "month-end clearing: each home owes its hosts the settled claims, net of reversals"
+    if not facts.clearing:
+        return Check(name, True, "no claims settled between simulated provinces")
+    owed: Counter[tuple[str, str]] = Counter()
+    for c in facts.claims:
+        if c.state == "SETTLED":
+            owed[(c.host, c.home)] += c.fund_fen + c.critical_illness_fen + c.assistance_fen
+    problems = []
+    for row in facts.clearing:
+        pair = (row["host"], row["home"])
+        if row["outcome"] != "CONFIRMED" or row["confirmed_fen"] != owed[pair]:
+            problems.append(
+                f"{pair[0]}->{pair[1]}: {row['outcome']}, confirmed {yuan(row['confirmed_fen'])}"
+                f", settled {yuan(owed[pair])}"
+            )
+    stated = {(r["host"], r["home"]) for r in facts.clearing}
+    problems += [f"{h}->{m}: not stated" for (h, m), fen in owed.items() if (h, m) not in stated]
+    total = sum(r["confirmed_fen"] for r in facts.clearing)
+    return Check(
+        name,
+        not problems,
+        f"{len(facts.clearing)} pairs, {yuan(total)} yuan confirmed, "
+        f"{facts.reversals_planted} reversed claims owing nothing"
+        + (f"; {'; '.join(problems[:4])}" if problems else ""),
+    )
 
 
 def _reconciled(facts: Facts) -> Check:
@@ -289,6 +324,7 @@ def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dic
         else 0.0,
         "duration_s": round(facts.duration_s, 2),
         "reversals": facts.reversals_planted,
+        "clearing": facts.clearing,
         "reconciliation": {
             "planted_lost_notice": None
             if facts.planted_mismatch is None
@@ -383,4 +419,14 @@ def _render_day_close(report: dict[str, Any]) -> list[str]:
             f"{planted['home']}; found: {seen or 'nothing'}; {planted['host']} re-sent the "
             "notice and stated the day again"
         )
+    clearing = report.get("clearing") or []
+    if clearing:
+        lines.append(f"\nMonth-end clearing (清算) {clearing[0]['month']}: what each home's funds "
+                     "owe its host, net of reversals")  # fmt: skip
+        lines.append(f"  {'pair':<16}{'claims':>7}{'stated (yuan)':>16}{'confirmed':>16}  outcome")
+        for r in sorted(clearing, key=lambda r: (r["host"], r["home"])):
+            lines.append(
+                f"  {r['host']}->{r['home']:<8}{r['claims']:>7}{yuan(r['stated_fen']):>16}"
+                f"{yuan(r['confirmed_fen']):>16}  {r['outcome']} (v{r['version']})"
+            )
     return lines
