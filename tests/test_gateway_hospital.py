@@ -299,27 +299,33 @@ def state_of(host: Gateway, claim_id: str) -> str | None:
     return None if claim is None else claim.state.name
 
 
+async def settle_one(home: Gateway, host: Gateway) -> str:
+    """Admit, discharge, approve at the home's desk, wait until settled; the claim id."""
+    admission = (await admit(host)).json()["admission_id"]
+    async with client(host, "hospital") as c:
+        sent = await c.post(
+            f"/v1/admissions/{admission}/discharge", json={**DISCHARGE, "items": bill()}
+        )
+    claim_id: str = sent.json()["claim_id"]
+    desk = home.system.home.desk
+    assert desk is not None
+    await eventually(lambda: desk.request_of(claim_id) is not None, 20)
+    async with client(home, "reviewer") as r:
+        decided = await r.post(
+            f"/v1/reviews/{claim_id}/decision", json={"action": "approve", "reviewer": "li"}
+        )
+    assert decided.status_code == 200
+    await eventually(lambda: state_of(host, claim_id) == "SETTLED", 20)
+    return claim_id
+
+
 class TestReversal:
     async def test_a_settled_claim_is_reversed_once(self, pair: tuple[Gateway, Gateway]) -> None:
         """Discharge, the reviewer approves, the claim settles; the hospital asks for a
         reversal (202), the home confirms, the claim shows REVERSED with the patient's money
         given back; asking again is a 409, a bad reason a 422, another role a 403."""
         home, host = pair
-        admission = (await admit(host)).json()["admission_id"]
-        async with client(host, "hospital") as c:
-            sent = await c.post(
-                f"/v1/admissions/{admission}/discharge", json={**DISCHARGE, "items": bill()}
-            )
-        claim_id = sent.json()["claim_id"]
-        desk = home.system.home.desk
-        assert desk is not None
-        await eventually(lambda: desk.request_of(claim_id) is not None, 20)
-        async with client(home, "reviewer") as r:
-            decided = await r.post(
-                f"/v1/reviews/{claim_id}/decision", json={"action": "approve", "reviewer": "li"}
-            )
-        assert decided.status_code == 200
-        await eventually(lambda: state_of(host, claim_id) == "SETTLED", 20)
+        claim_id = await settle_one(home, host)
         body = {"reason": "DUPLICATE_BILL", "note": "billed twice", "operator": "billing-wang"}
         async with client(host, "hospital") as c:
             asked = await c.post(f"/v1/claims/{claim_id}/reversal", json=body)
@@ -383,3 +389,36 @@ async def test_readyz_names_what_fails(pair: tuple[Gateway, Gateway]) -> None:
     assert [(x["name"], x["detail"]) for x in failing] == [
         ("broker", "unreachable: no answer within 5 s")
     ]
+
+
+async def test_ops_state_and_see_the_day_and_the_month(pair: tuple[Gateway, Gateway]) -> None:
+    """Ops of the host state today's reconciliation and this month's clearing over the API
+    and see the homes' answers; a bad month is a 422 naming it; another role a 403."""
+    home, host = pair
+    await settle_one(home, host)
+    async with client(host, "ops") as c:
+        day = await c.post("/v1/ops/reconciliation", json={})
+        month = await c.post("/v1/ops/clearing", json={})
+        assert (day.status_code, month.status_code) == (202, 202)
+
+        async def answered(path: str, key: str) -> list[dict[str, Any]]:
+            for _ in range(100):
+                rows: list[dict[str, Any]] = (await c.get(path)).json()[key]
+                if rows and all(r["outcome"] != "SENT" for r in rows):
+                    return rows
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"{path}: not answered")
+
+        stated = await answered("/v1/ops/reconciliation", "statements")
+        assert {s["statement_id"] for s in stated} >= set(day.json()["statement_ids"])
+        assert all(s["outcome"] == "MATCHED" for s in stated)
+        cleared = await answered("/v1/ops/clearing", "months")
+        mine = [m for m in cleared if m["statement_id"] in month.json()["statement_ids"]]
+        assert mine
+        assert all(m["outcome"] == "CONFIRMED" for m in mine)
+        assert all(m["confirmed_fen"] == m["stated_fen"] for m in mine)
+        bad = await c.post("/v1/ops/clearing", json={"month": "2026-13"})
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["field"] == "month"
+    async with client(host, "hospital") as other:
+        assert (await other.get("/v1/ops/clearing")).status_code == 403

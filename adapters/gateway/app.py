@@ -10,6 +10,7 @@ hospital          hospital (host desks)           :mod:`adapters.gateway.api_hos
 review            reviewer (home review desk)     :mod:`adapters.gateway.api_review`
 public            anyone; masked unless a role    :mod:`adapters.gateway.api_public`
 ops               ops (console, dead letters)     :mod:`adapters.gateway.api_ops`
+money             ops (reconciliation, clearing)  :mod:`adapters.gateway.api_money`
 health            anyone (``/healthz``, ``/readyz``)  :mod:`adapters.gateway.api_health`
 ================  ==============================  ============================================
 
@@ -70,6 +71,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         api_agency,
         api_health,
         api_hospital,
+        api_money,
         api_ops,
         api_public,
         api_review,
@@ -91,7 +93,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     app.state.tokens = ctx.config.tokens
     problems.install(app)
     app.add_middleware(RequestLog)
-    for module in (api_agency, api_hospital, api_review, api_public, api_ops, api_health):
+    for module in (
+        api_agency, api_hospital, api_review, api_public, api_ops, api_money, api_health
+    ):  # fmt: skip
         app.include_router(module.router)
         setup = getattr(module, "setup", None)
         if callable(setup):
