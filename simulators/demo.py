@@ -51,6 +51,7 @@ from bus.models import (
     FilingUpload,
     VisitType,
 )
+from bus.node import Node
 from bus.pg import EmbeddedPostgres, is_postgres_url, masked_url
 from bus.settings import BusSettings
 from bus.transport import Consumer
@@ -282,7 +283,7 @@ class Simulation:
         for p, gateway in self.gateways.items():
             self.desks[p] = self.open_desks(gateway)
             self.journals[p] = DeskJournal(self.state_dir, p)
-        await asyncio.gather(*(s.node.wait_ready(60) for s in self.systems.values()))
+        await asyncio.gather(*(self.ready(s.node) for s in self.systems.values()))
         if reviews.desk:
             self.reviewers = {
                 p: [
@@ -304,6 +305,11 @@ class Simulation:
         for reviewers in self.reviewers.values():
             for reviewer in reviewers:
                 reviewer.start()
+
+    async def ready(self, node: Node) -> None:
+        """Wait until ``node`` may serve: the group gave it its whole inbox (one instance per
+        province; a subclass running a province as several instances waits for a share)."""
+        await node.wait_ready(60)
 
     async def stop(self) -> None:
         """Stop the reviewers, close the clients, stop (drain) every gateway. Idempotent."""
