@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -36,13 +38,20 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
     """The session's PostgreSQL: ``XSETTLE_TEST_POSTGRES_URL`` (a server whose ``postgres``
     database the tests may create databases from) or the embedded one, started once."""
     external = os.environ.get("XSETTLE_TEST_POSTGRES_URL")
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"))
-    if external:
-        server.url = external
-        yield server
-        return
-    with server:
-        yield server
+    # Not under pytest's temp folder: run as root, the wheel opens every parent folder to the
+    # server's own user, and a pytest starting meanwhile closes /tmp/pytest-of-<user> again
+    # (0700), which takes the data folder from the running server.
+    folder = Path(tempfile.mkdtemp(prefix="xsettle-test-postgres-"))
+    server = EmbeddedPostgres(folder)
+    try:
+        if external:
+            server.url = external
+            yield server
+            return
+        with server:
+            yield server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
