@@ -37,6 +37,7 @@ import structlog
 
 from adapters.backoffice import Person
 from adapters.directory import Directory, province_of
+from adapters.gateway.service import Gateway
 from adapters.gateway.testing import TEST_TOKENS
 from bus.broker import create_contract_topics
 from bus.errors import BusError
@@ -51,7 +52,7 @@ from simulators.demo import (
     start_console,
     write_report,
 )
-from simulators.desks import OpenReview, ProposedItem, Refused, ReviewerClient
+from simulators.desks import GatewayDesks, OpenReview, ProposedItem, Refused, ReviewerClient
 from simulators.invariants import build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -193,6 +194,13 @@ class Peer(Simulation):
             await super().ready(node)
         else:
             await _wait_for_a_share(node)
+
+    def open_desks(self, gateway: Gateway) -> GatewayDesks:
+        """:meth:`Simulation.open_desks`, the reviewers' client making a call again when
+        the connection dropped (:class:`_PatientReviewer`)."""
+        desks = super().open_desks(gateway)
+        desks.reviewer = _PatientReviewer(desks.reviewer.client)
+        return desks
 
     async def file(self, person: Person, filing: FilingUpload) -> bool:
         """:meth:`Simulation.file`, tried again when the connection to the gateway drops

@@ -15,9 +15,12 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from adapters.gateway.service import Gateway
+from adapters.gateway.testing import client, gateway_config, running_gateway
 from bus.broker import create_contract_topics
 from bus.constants import H_CORRELATION_ID, H_MESSAGE_ID, topic
 from bus.models import ClaimPackage, ErrorCode
@@ -64,9 +67,11 @@ async def instances(
         node.store.close()
 
 
-async def split(a: Node, b: Node) -> None:
-    """Start both and wait until the group shared the inbox's partitions between them."""
-    await asyncio.gather(a.start(), b.start())
+async def split(a: Node, b: Node, *, started: bool = False) -> None:
+    """Start both (unless ``started``) and wait until the group shared the inbox's
+    partitions between them."""
+    if not started:
+        await asyncio.gather(a.start(), b.start())
     total = len(a.inbox) * a.settings.partitions
     await eventually(
         lambda: (
@@ -178,3 +183,32 @@ class TestTwoInstances:
         assert Counter(hdr(r, H_MESSAGE_ID) for r in sent) == Counter(ids)
         assert b.metrics.get("xsettle_outbox_adopted_total") == len(ids)
         assert b.store.outbox_size() == 0
+
+
+async def test_two_gateways_of_one_province_are_both_ready(
+    broker: str, settings: BusSettings, tmp_path: Path, postgres_url: str
+) -> None:
+    """Two gateways of Hainan on one PostgreSQL database: each holds a share of the inbox,
+    and each answers /readyz 200 (a share is enough on a shared database)."""
+    await create_contract_topics(settings, broker, ["460000"])
+    shared = settings.model_copy(update={"database_url": postgres_url})
+    cfg_a = gateway_config("460000", broker, tmp_path / "a", settings=shared)
+    cfg_b = gateway_config("460000", broker, tmp_path / "b", settings=shared)
+    async with running_gateway(cfg_a) as a, running_gateway(cfg_b) as b:
+        await split(a.system.node, b.system.node, started=True)
+
+        async def ready(gw: Gateway) -> dict[str, Any]:
+            async with client(gw) as c:
+                r = await c.get("/readyz")
+            body: dict[str, Any] = r.json()
+            body["status"] = r.status_code
+            return body
+
+        shown = [await ready(a), await ready(b)]
+        assert [s["status"] for s in shown] == [200, 200], shown
+        assert all(
+            "other instances hold the rest" in c["detail"]
+            for s in shown
+            for c in s["checks"]
+            if c["name"] == "partitions"
+        )
