@@ -21,11 +21,9 @@ Months are calendar months in China Standard Time (UTC+8) of the claims' ``settl
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import re
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ import structlog
 
 from adapters.backoffice import ClaimState, HostClaim, SqlBackOffice
 from adapters.directory import province_of
-from adapters.reconciliation import CHINA
+from adapters.reconciliation import CHINA, wait_answered
 from bus.db import Database
 from bus.envelope import new_id, now_ms
 from bus.errors import Rejection
@@ -59,8 +57,6 @@ log = structlog.get_logger(__name__)
 CLEARING_DEADLINE_S = 3600.0
 """The home checks at once; an hour leaves room for a home that is down for a while."""
 
-POLL_S = 0.1
-"""How often :meth:`Clearing.wait_answered` looks at the stored answers."""
 
 MAX_REPORTS = 100
 """At most this many ErrorReports per statement (one per dispute): a month whose notices were
@@ -608,22 +604,7 @@ class Clearing:
     ) -> list[ClearingRecord]:
         """The records of ``statement_ids`` once every one is answered; ``TimeoutError``
         naming the unanswered ones after ``timeout_s``."""
-        limit = time.monotonic() + timeout_s
-        while True:
-            records = [self.statement(s) for s in statement_ids]
-            unknown = [s for s, r in zip(statement_ids, records, strict=True) if r is None]
-            if unknown:
-                raise KeyError(f"{self.province} sent no clearing statement {', '.join(unknown)}")
-            done = [r for r in records if r is not None and r.answered]
-            if len(done) == len(records):
-                return done
-            if time.monotonic() >= limit:
-                waiting = [r.statement_id for r in records if r is not None and not r.answered]
-                raise TimeoutError(
-                    f"{len(waiting)} clearing statement(s) unanswered after {timeout_s:.0f} s: "
-                    + ", ".join(waiting[:10])
-                )
-            await asyncio.sleep(POLL_S)
+        return await wait_answered(self.statement, statement_ids, timeout_s, "clearing statement")
 
     # --- ops: per month and pair --------------------------------------------------------------
     def overview(self, month: str | None = None) -> list[ClearingView]:

@@ -25,9 +25,9 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -297,6 +297,41 @@ def statement_flaw(s: ReconciliationStatement) -> str | None:
     return None
 
 
+class _Answerable(Protocol):
+    @property
+    def statement_id(self) -> str: ...
+
+    @property
+    def answered(self) -> bool: ...
+
+
+R = TypeVar("R", bound=_Answerable)
+
+
+async def wait_answered(
+    lookup: Callable[[str], R | None], statement_ids: Sequence[str], timeout_s: float, what: str
+) -> list[R]:
+    """The records ``lookup`` gives for ``statement_ids`` once every one is answered (or
+    failed); ``KeyError`` for an id never sent, ``TimeoutError`` naming the unanswered ones
+    after ``timeout_s``. Shared by the day's and the month's statements."""
+    limit = time.monotonic() + timeout_s
+    while True:
+        records = [lookup(s) for s in statement_ids]
+        unknown = [s for s, r in zip(statement_ids, records, strict=True) if r is None]
+        if unknown:
+            raise KeyError(f"no {what} {', '.join(unknown)} was sent")
+        done = [r for r in records if r is not None and r.answered]
+        if len(done) == len(records):
+            return done
+        if time.monotonic() >= limit:
+            waiting = [r.statement_id for r in records if r is not None and not r.answered]
+            raise TimeoutError(
+                f"{len(waiting)} {what}(s) unanswered after {timeout_s:.0f} s: "
+                + ", ".join(waiting[:10])
+            )
+        await asyncio.sleep(POLL_S)
+
+
 # --- the host's view -------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class StatementRecord:
@@ -464,22 +499,7 @@ class Reconciler:
     ) -> list[StatementRecord]:
         """The records of ``statement_ids`` once every one is answered (the end-of-day
         signal); ``TimeoutError`` naming the unanswered ones after ``timeout_s``."""
-        limit = time.monotonic() + timeout_s
-        while True:
-            records = [self.statement(s) for s in statement_ids]
-            unknown = [s for s, r in zip(statement_ids, records, strict=True) if r is None]
-            if unknown:
-                raise KeyError(f"{self.province} sent no statement {', '.join(unknown)}")
-            done = [r for r in records if r is not None and r.answered]
-            if len(done) == len(records):
-                return done
-            if time.monotonic() >= limit:
-                waiting = [r.statement_id for r in records if r is not None and not r.answered]
-                raise TimeoutError(
-                    f"{len(waiting)} statement(s) unanswered after {timeout_s:.0f} s: "
-                    + ", ".join(waiting[:10])
-                )
-            await asyncio.sleep(POLL_S)
+        return await wait_answered(self.statement, statement_ids, timeout_s, "statement")
 
     # --- home: answering a statement ----------------------------------------------------------
     def answer_to(self, statement_id: str) -> ReconciliationResult | None:

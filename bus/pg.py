@@ -225,11 +225,6 @@ class PostgresDatabase(Database):
                 (pg_type,) = pg_ddl(sql_type)
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {pg_type}")
 
-    def applied(self) -> list[str]:
-        """The migrations this database has had, in the order they were applied."""
-        rows = self.query("SELECT name FROM xsettle_migrations ORDER BY applied_at_ms, name")
-        return [str(r[0]) for r in rows]
-
     # --- steps --------------------------------------------------------------------------------
     @asynccontextmanager
     async def step(self) -> AsyncIterator[Step]:

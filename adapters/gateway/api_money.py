@@ -17,7 +17,7 @@ import datetime as dt
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from adapters.clearing import china_month
+from adapters.clearing import MONTH_RE, china_month
 from adapters.gateway.app import GatewayContext, context
 from adapters.gateway.auth import require
 from adapters.gateway.problems import PROBLEM_RESPONSES, In
@@ -26,7 +26,7 @@ from bus.models import yuan
 
 router = APIRouter(prefix="/v1/ops", tags=["money between provinces"], responses=PROBLEM_RESPONSES)
 
-MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+MONTH_PATTERN = MONTH_RE.pattern
 
 
 class DifferenceOut(BaseModel):
