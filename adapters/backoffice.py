@@ -583,6 +583,12 @@ class SqlBackOffice:
                 (status.value, now_ms(), filing_id),
             )
 
+    def receipted_hosts(self) -> set[str]:
+        """The host regions that answered a filing of this agency with a receipt: the hosts
+        known to be on the bus (a host states its days to the homes that filed with it)."""
+        rows = self._all("SELECT data FROM home_filings WHERE receipt IS NOT NULL")
+        return {FilingUpload.model_validate_json(r[0]).host_region for r in rows}
+
     def home_filing(self, filing_id: str) -> HomeFiling | None:
         """A filing this agency made, as it stands (its latest upload), or None."""
         rows = self._all(

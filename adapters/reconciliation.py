@@ -509,6 +509,18 @@ class Reconciler:
         )
         return ReconciliationResult.model_validate_json(rows[0][0]) if rows else None
 
+    def answered_hosts(self, days: Iterable[dt.date]) -> dict[str, str]:
+        """Per host, the outcome of the latest statement of one of ``days`` this home
+        answered: whether a host's day is closed here (MATCHED), or still differs."""
+        wanted = sorted({d.isoformat() for d in days})
+        marks = ", ".join("?" * len(wanted))
+        rows = self.db.query(
+            f"SELECT host, outcome FROM reconciliation_answers WHERE day IN ({marks}) "  # noqa: S608
+            "ORDER BY at_ms, statement_id",
+            tuple(wanted),
+        )
+        return {str(host): str(outcome) for host, outcome in rows}
+
     async def _on_statement(self, message: Message, ctx: Context) -> ReconciliationResult:
         """Compare a host's day with this home's books: the answer, and one ErrorReport per
         difference to the province that must act, commit with the processed mark. A statement

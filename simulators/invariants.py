@@ -75,8 +75,13 @@ class Facts:
     """The month's clearing per pair (host side, latest version): host, home, month, outcome,
     version, claims, stated_fen, confirmed_fen, disputed_fen."""
     reconciliations: list[dict[str, Any]] = field(default_factory=list)
-    """Every statement of the day: host, home, round (first, again), outcome, count,
-    fund_fen, differences (claim_id, kind, responsible)."""
+    """Every statement of the day: host, home, round (first, again; ``peer N`` with a
+    province run elsewhere), outcome, count, fund_fen, differences (claim_id, kind,
+    responsible)."""
+    day_heard: list[dict[str, str]] = field(default_factory=list)
+    """As home, with provinces run elsewhere: per host that receipted our filings, the outcome
+    of the latest statement of its day that our home answered (host, home, outcome;
+    ``NOT STATED``: none came)."""
 
 
 @dataclass
@@ -232,7 +237,7 @@ def _reconciled(facts: Facts) -> Check:
     notice, as MISSING_AT_HOME with its host responsible, reported to it; after the host
     re-sent it, every pair's latest statement is MATCHED."""
     name = "the day reconciles for every pair; the planted lost notice found and attributed"
-    if not facts.reconciliations:
+    if not facts.reconciliations and not facts.day_heard:
         return Check(name, True, "no claims settled between simulated provinces")
     first = [r for r in facts.reconciliations if r["round"] == "first"]
     found = [(r["host"], d) for r in first for d in r["differences"]]
@@ -244,6 +249,11 @@ def _reconciled(facts: Facts) -> Check:
     ]
     planted = facts.planted_mismatch
     problems = list(unmatched)
+    problems += [
+        f"{h['host']}->{h['home']}: {h['outcome']} (as home)"
+        for h in facts.day_heard
+        if h["outcome"] != "MATCHED"
+    ]
     if planted is not None:
         host, _, claim_id = planted
         expected = [(host, {"claim_id": claim_id, "kind": "MISSING_AT_HOME", "responsible": host})]
@@ -262,6 +272,7 @@ def _reconciled(facts: Facts) -> Check:
         not problems,
         f"{len(latest)} pairs, {len(first)} statements, "
         f"{sum(r['count'] for r in latest.values())} claims stated"
+        + (f"; {len(facts.day_heard)} days stated to us" if facts.day_heard else "")
         + (f"; {len(found)} difference found and put right" if planted and not problems else "")
         + (f"; {'; '.join(problems[:4])}" if problems else ""),
     )
@@ -330,6 +341,7 @@ def build_report(facts: Facts, checks: list[Check], meta: dict[str, Any]) -> dic
             if facts.planted_mismatch is None
             else dict(zip(("host", "home", "claim_id"), facts.planted_mismatch, strict=True)),
             "statements": facts.reconciliations,
+            "stated_to_us": facts.day_heard,
         },
         "invariants": [asdict(c) for c in checks],
         "ok": all(c.ok for c in checks),
@@ -390,7 +402,8 @@ def _render_day_close(report: dict[str, Any]) -> list[str]:
     """The end of the day: reversals and the reconciliation table (host -> home)."""
     rec = report.get("reconciliation") or {}
     statements = rec.get("statements") or []
-    if not statements and not report.get("reversals"):
+    heard = rec.get("stated_to_us") or []
+    if not statements and not heard and not report.get("reversals"):
         return []
     lines = [f"\nEnd of the day: {report.get('reversals', 0)} settled claims reversed (duplicate "
              "bills), then daily reconciliation (对账), host -> home"]  # fmt: skip
@@ -400,14 +413,16 @@ def _render_day_close(report: dict[str, Any]) -> list[str]:
     for r in statements:
         key = (r["host"], r["home"])
         final[key] = r
-        if r["round"] == "first":
-            first[key] = r
+        first.setdefault(key, r)
     for (host, home), r in sorted(final.items()):
         was = first.get((host, home), r)
         outcome = r["outcome"]
         if was is not r:
             outcome = f"{was['outcome']} -> {r['outcome']} (restated)"
         lines.append(f"  {host}->{home:<8}{r['count']:>7}{yuan(r['fund_fen']):>16}  {outcome}")
+    for h in sorted(heard, key=lambda h: (h["host"], h["home"])):
+        pair = f"{h['host']}->{h['home']}"
+        lines.append(f"  {pair:<39}{h['outcome']} (stated to us, answered here)")
     planted = rec.get("planted_lost_notice")
     if planted:
         found = [d for r in statements if r["round"] == "first" for d in r["differences"]]

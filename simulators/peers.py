@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import random
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,9 +40,11 @@ from adapters.backoffice import Person
 from adapters.directory import Directory, province_of
 from adapters.gateway.service import Gateway
 from adapters.gateway.testing import TEST_TOKENS
+from adapters.host import ClaimActionRefused
+from adapters.reconciliation import StatementRecord, china_day
 from bus.broker import create_contract_topics
 from bus.errors import BusError
-from bus.models import FilingAction, FilingUpload, ItemAdjustment
+from bus.models import DifferenceKind, FilingAction, FilingUpload, ItemAdjustment
 from bus.node import Node
 from bus.transport import wait_for_metadata
 from simulators.demo import (
@@ -53,11 +56,22 @@ from simulators.demo import (
     write_report,
 )
 from simulators.desks import GatewayDesks, OpenReview, ProposedItem, Refused, ReviewerClient
-from simulators.invariants import build_report, check_invariants, render
+from simulators.invariants import Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
 
 log = structlog.get_logger(__name__)
+
+END_OF_DAY_ROUNDS = 3
+"""Statements of one pair at most per run: the first, and again after a difference. A
+settlement notice that the statement overtook on another partition is the likely one: the
+host re-sends the notices the home missed before stating again."""
+
+RESTATE_PAUSE_S = 1.0
+"""Pause before stating a differing day again (what was in flight arrives meanwhile)."""
+
+NOT_STATED = "NOT STATED"
+"""A host's day this home expected and never had stated to it."""
 
 
 def _minute_of(person_id: str) -> int:
@@ -177,6 +191,30 @@ class _PatientReviewer(ReviewerClient):
             lambda: super(_PatientReviewer, self).reject(claim_id, reason, reviewer),
             "decision",
             claim_id,
+        )
+
+
+@dataclass
+class EndOfDay:
+    """The day closed between this process and the provinces it does not run: what each of our
+    hosts stated to the homes that filed with it, and what each host that took our filings
+    stated to our homes."""
+
+    day: dt.date
+    stated: list[tuple[str, int, StatementRecord]] = field(default_factory=list)
+    """(host, round, statement with its answer); round 0: answered MATCHED before a restart."""
+    unanswered: list[tuple[str, str]] = field(default_factory=list)
+    """(host, home) whose statement had no answer in time."""
+    heard: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(host, home) -> the outcome of the latest statement our home answered (NOT_STATED)."""
+
+    def closed(self) -> bool:
+        """Every statement answered, the latest of each pair MATCHED, every host heard."""
+        latest = {(host, r.home): r.outcome for host, _, r in self.stated}
+        return (
+            not self.unanswered
+            and all(o == "MATCHED" for o in latest.values())
+            and all(o == "MATCHED" for o in self.heard.values())
         )
 
 
@@ -327,6 +365,110 @@ class Peer(Simulation):
         while self.open_claims() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the DB
             await asyncio.sleep(0.25)
 
+    # --- the end of the day with the provinces run elsewhere -----------------------------------
+    async def close_day(self, timeout_s: float) -> EndOfDay:
+        """The end-of-day signal between processes (daily reconciliation, contract v1.3).
+
+        Once our claims are closed, each of our hosts states today (China time) to every home
+        not run here that filed persons with it, an empty day too (count 0), and waits for the
+        answers; a differing day is stated again after the notices the home missed are re-sent
+        (:data:`END_OF_DAY_ROUNDS`). Meanwhile each of our homes waits until every host not run
+        here that receipted its filings has stated its day and the home answered MATCHED. The
+        day is closed when both hold; gives up after ``timeout_s`` (the report names who)."""
+        deadline = time.monotonic() + timeout_s
+        end = EndOfDay(day=china_day(dt.datetime.now(dt.UTC)))
+        while any(s.node.store.outbox_size() for s in self.systems.values()):
+            if time.monotonic() > deadline:
+                break  # stated anyway: the statements then show what did not arrive
+            await asyncio.sleep(0.1)  # the notices leave before the statement of their day
+        await asyncio.gather(
+            *(self._state_day(host, home, end, deadline) for host, home in self._homes_to_state()),
+            self._hear_hosts(end, deadline),
+        )
+        log.info(
+            "day_closed_with_peers", day=end.day.isoformat(), closed=end.closed(),
+            stated=len(end.stated), unanswered=len(end.unanswered), heard=len(end.heard),
+        )  # fmt: skip
+        return end
+
+    def _homes_to_state(self) -> list[tuple[str, str]]:
+        """(our host, home not run here) for every home that filed persons with our hosts."""
+        pairs = {
+            (p, province_of(f.home_region))
+            for p in self.provinces
+            for f in self.systems[p].backoffice.host_filings()
+        }
+        return sorted((h, m) for h, m in pairs if m not in self.gateways)
+
+    def _hosts_to_hear(self) -> list[tuple[str, str]]:
+        """(host not run here, our home) for every host that receipted our home's filings."""
+        pairs = {
+            (province_of(region), p)
+            for p in self.provinces
+            for region in self.systems[p].backoffice.receipted_hosts()
+        }
+        return sorted((h, m) for h, m in pairs if h not in self.gateways)
+
+    async def _state_day(self, host: str, home: str, end: EndOfDay, deadline: float) -> None:
+        system = self.systems[host]
+        before = system.reconciler.statements(day=end.day, home=home)
+        if before and before[-1].outcome == "MATCHED":  # a restart: closed before it
+            end.stated.append((host, 0, before[-1]))
+            return
+        for round_ in range(1, END_OF_DAY_ROUNDS + 1):
+            statement_id = await system.reconciler.reconcile_day(home, end.day)
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                (record,) = await system.reconciler.wait_reconciled([statement_id], left)
+            except TimeoutError:
+                end.unanswered.append((host, home))
+                return
+            end.stated.append((host, round_, record))
+            if record.outcome == "MATCHED" or round_ == END_OF_DAY_ROUNDS:
+                return
+            for d in record.differences:
+                if d.kind is DifferenceKind.MISSING_AT_HOME and d.responsible == host:
+                    with contextlib.suppress(ClaimActionRefused):
+                        await system.host.resend_notice(d.claim_id, operator="simulator")
+            await asyncio.sleep(RESTATE_PAUSE_S)
+
+    async def _hear_hosts(self, end: EndOfDay, deadline: float) -> None:
+        while True:
+            days = {end.day, china_day(dt.datetime.now(dt.UTC))}  # the day may turn meanwhile
+            answered = {p: self.systems[p].reconciler.answered_hosts(days) for p in self.provinces}
+            end.heard = {
+                (host, home): answered[home].get(host, NOT_STATED)
+                for host, home in self._hosts_to_hear()
+            }
+            if all(o == "MATCHED" for o in end.heard.values()) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.25)
+
+    def end_of_day_facts(self, end: EndOfDay, facts: Facts) -> None:
+        """Add the day's statements (round ``peer N``) and what our homes heard to ``facts``:
+        the reconciliation invariant then judges them with the rest."""
+        for host, round_, r in end.stated:
+            facts.reconciliations.append(
+                {
+                    "host": host, "home": r.home, "round": f"peer {round_}",
+                    "outcome": r.outcome, "count": r.count, "fund_fen": r.fund_fen,
+                    "differences": [
+                        {"claim_id": d.claim_id, "kind": d.kind.value,
+                         "responsible": d.responsible}
+                        for d in r.differences
+                    ],
+                }
+            )  # fmt: skip
+        for host, home in end.unanswered:
+            facts.reconciliations.append(
+                {"host": host, "home": home, "round": "peer", "outcome": "UNANSWERED",
+                 "count": 0, "fund_fen": 0, "differences": []}
+            )  # fmt: skip
+        facts.day_heard = [
+            {"host": host, "home": home, "outcome": outcome}
+            for (host, home), outcome in sorted(end.heard.items())
+        ]
+
 
 async def run_peer(
     args: argparse.Namespace, provinces: list[str], *, own_day: bool
@@ -383,18 +525,21 @@ async def run_peer(
         console = await start_console(peer, settings, settings.bootstrap, args.console)
     began = time.monotonic()
 
-    async def day() -> tuple[int, int]:
+    async def day() -> tuple[int, int, EndOfDay]:
         filed = await peer.file_own(args.filings)
         if own_day and len(peer.agreements()) > 0:
             await peer.run()
         served = await peer.serve_foreign(args.visits, args.wait, args.in_flight)
         await peer.wait_closed(args.timeout)
-        await asyncio.sleep(args.linger)  # answer what the other side still sends us
-        return filed, served
+        end = await peer.close_day(args.timeout)
+        if args.linger > 0:
+            await asyncio.sleep(args.linger)  # keep answering what the other side still sends
+        return filed, served, end
 
     try:
-        filed, served = await peer.guarded(day())
+        filed, served, end = await peer.guarded(day())
         facts = await peer.facts()
+        peer.end_of_day_facts(end, facts)
         facts.duration_s = time.monotonic() - began
         if share.count > 1:
             # The shared database also holds the other instances' claims, which may still be
@@ -431,8 +576,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="foreign-filed patients at the hospital desks at once (default 1: one by one)",
     )  # fmt: skip
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for their filings")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for answers")
-    p.add_argument("--linger", type=float, default=10.0, help="seconds to keep answering after")
+    p.add_argument(
+        "--timeout", type=float, default=60.0,
+        help="seconds to wait for answers, and again for the day to reconcile",
+    )  # fmt: skip
+    p.add_argument(
+        "--linger", type=float, default=0.0,
+        help="seconds to keep answering after the day reconciled (default 0: end then)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=20170523)
     p.add_argument("--state-dir", default=None, help="durable state folder (default: temp)")
     p.add_argument("--json", default=None, help="write the JSON report here")

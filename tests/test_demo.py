@@ -104,7 +104,8 @@ class TestPeers:
         """``xsettle province 460000`` and ``xsettle simulate --except 460000`` on one broker
         settle claims in both directions (Hainan as host and as home)."""
         async with EmbeddedBroker() as broker:
-            common = ["--bootstrap", broker.bootstrap, "--wait", "30", "--linger", "12"]
+            common = ["--bootstrap", broker.bootstrap, "--wait", "30"]  # no --linger: the
+            # two end when the day reconciles between them
             exe = [sys.executable, "-m", "simulators.cli"]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             prov = await asyncio.create_subprocess_exec(
@@ -133,3 +134,18 @@ class TestPeers:
         assert settled_elsewhere > 0  # Hainan's persons treated in simulated hosts
         assert as_host["ok"]
         assert as_home_peer["ok"]
+        # The end of the day: Hainan stated its day to each simulated home that filed with it,
+        # and answered each simulated host's statement; the other side the same, both MATCHED.
+        hainan = as_host["reconciliation"]
+        homes = {r["home"] for r in hainan["statements"]}
+        assert homes, hainan
+        assert "460000" not in homes
+        assert {r["outcome"] for r in hainan["statements"]} == {"MATCHED"}
+        heard = {h["host"]: h["outcome"] for h in hainan["stated_to_us"]}
+        assert heard, hainan
+        assert set(heard.values()) == {"MATCHED"}
+        others = as_home_peer["reconciliation"]
+        to_hainan = [r for r in others["statements"] if r["home"] == "460000"]
+        assert {r["host"] for r in to_hainan} == set(heard)  # each host Hainan heard stated
+        assert {h["home"] for h in others["stated_to_us"]} == homes
+        assert "stated to us, answered here" in out_p.decode()
