@@ -10,7 +10,9 @@ dead letter and an ``INVALID_MESSAGE`` report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -355,11 +357,27 @@ still an error report, still an acknowledgement); everywhere else a record canno
 with a value its reader does not know."""
 
 
+def _may_hold_symbols(annotation: object) -> bool:
+    """Whether a field of this type can hold an enum symbol (itself, in a record or array)."""
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum | BaseModel):
+        return True
+    return any(_may_hold_symbols(arg) for arg in typing.get_args(annotation))
+
+
+@functools.cache
+def _symbol_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``model`` that :func:`unknown_symbols` must look at (worked out once per
+    model: most fields are strings and numbers)."""
+    return tuple(
+        name for name, info in model.model_fields.items() if _may_hold_symbols(info.annotation)
+    )
+
+
 def unknown_symbols(message: BaseModel, where: str = "") -> list[str]:
     """The fields of ``message`` (nested records and arrays included) that read UNKNOWN."""
     found: list[str] = []
     owner = type(message).__name__
-    for name in type(message).model_fields:
+    for name in _symbol_fields(type(message)):
         value = getattr(message, name)
         path = f"{where}{name}"
         values = value if isinstance(value, tuple | list) else (value,)

@@ -165,9 +165,16 @@ QUEUE_LOW = 200
 COMMIT_INTERVAL_S = 0.1
 """Done offsets are committed at most this often (and on revoke and stop)."""
 SWEEP_BATCH = 1_000
+"""Overdue requests handled per sweep round."""
 ASK_POLL_S = 0.25
 """How often :meth:`Node.ask` looks in the store for an answer another instance received."""
-"""Overdue requests handled per sweep round."""
+SUBJECTS_NOTED = 10_000
+"""Subjects of records encoded here kept until the record is logged as sent (the message
+log then need not decode it again); the oldest are forgotten first."""
+BATCH_MAX = 256
+"""Records of one partition handled in one step (one transaction) at most: what one fetch
+returned, up to this many. A bigger batch holds the province's step longer (SQLite has one
+writer) for little gain."""
 DRAIN_TIMEOUT_S = 10.0
 """Longest a graceful stop waits for in-flight work."""
 FETCH_TIMEOUT_MS = 100
@@ -261,6 +268,8 @@ class Acknowledged:
 Handler = Callable[[Any, Context], Awaitable[Message | Deferred | None]]
 AnswerCallback = Callable[[Answer], Awaitable[None]]
 AckCallback = Callable[[Acknowledged], Awaitable[None]]
+_Read = tuple[Verified | None, Envelope, Message] | DecodeError
+"""A record as read before its step: (signature, envelope, message), or why it cannot be."""
 
 
 @dataclass
@@ -343,6 +352,8 @@ class Node:
         self.trust = trust
         """Signs what the node sends and checks what it receives (:mod:`bus.signing`)."""
         self._last_seal_ms = 0
+        self._subjects: dict[bytes, str | None] = {}
+        """Subjects of the records :meth:`_out` encoded lately (see :data:`SUBJECTS_NOTED`)."""
         self.codec = codec or Codec()
         self.store: Store = store or SqlStore(settings.state_dir / f"bus-{province}.sqlite3")
         self.group = group or f"xsettle-{province}"
@@ -605,8 +616,11 @@ class Node:
 
     def _subject(self, value: bytes, message: Message | None = None) -> str | None:
         """The claim or filing id a record is about (None for reports: taken from the
-        record they answer when logged); ``message`` when it is decoded already."""
+        record they answer when logged); ``message`` when it is decoded already. A record
+        this node encoded lately is not decoded again (:meth:`_out` noted its subject)."""
         if message is None:
+            if value in self._subjects:
+                return self._subjects.pop(value)
             try:
                 message = self.codec.decode(value)
             except DecodeError:
@@ -655,7 +669,12 @@ class Node:
         )
 
     def _out(self, message: Message, env: Envelope, key: bytes | None, dest: str) -> OutRecord:
-        return OutRecord(dest, key, self.codec.encode(message), env.to_headers())
+        value = self.codec.encode(message)
+        name = SUBJECT_OF.get(type(message))
+        self._subjects[value] = str(getattr(message, name)) if name is not None else None
+        if len(self._subjects) > SUBJECTS_NOTED:
+            del self._subjects[next(iter(self._subjects))]  # the oldest: sent long ago
+        return OutRecord(dest, key, value, env.to_headers())
 
     async def publish(
         self,
@@ -900,11 +919,11 @@ class Node:
                 worker.wake.clear()
                 await worker.wake.wait()
                 continue
-            rec = worker.queue.popleft()
+            batch = [worker.queue.popleft() for _ in range(min(len(worker.queue), BATCH_MAX))]
             worker.busy_since = time.monotonic()
-            futures = await self._process(rec)
+            futures = await self._process_batch(batch)
             worker.busy_since = None
-            worker.done.append((rec.offset, futures))
+            worker.done.append((batch[-1].offset, futures))
             if worker.paused and len(worker.queue) <= QUEUE_LOW and self._consumer is not None:
                 self._consumer.resume(worker.part)
                 worker.paused = False
@@ -928,18 +947,69 @@ class Node:
             except BusError as exc:
                 self._log.warning("commit_failed", error=str(exc))
 
-    # --- processing one record ------------------------------------------------------------
-    async def _process(self, rec: Record) -> list[asyncio.Future[None]]:
-        """Handle one record to its end; returns the acknowledgements its offset waits for."""
+    # --- processing a batch of records ---------------------------------------------------
+    async def _process_batch(self, records: list[Record]) -> list[asyncio.Future[None]]:
+        """Handle a partition's records, in order, to their end; returns the
+        acknowledgements the last one's offset waits for.
+
+        All are read first (signature, envelope, decoding, contract checks: no transaction
+        needed), then handled in one step, each record in a savepoint of its own. A record
+        whose handling raises is undone alone (its savepoint, its outbox rows and commit
+        callbacks), the ones before it commit, and it goes the one-record way with its
+        retries and give-up (:meth:`_process_record`); the batch goes on after it."""
         outputs: list[asyncio.Future[None]] = []
         token = _OUTPUTS.set(outputs)
         try:
-            await self._process_record(rec)
+            read = [self._read(rec) for rec in records]
+            at = 0
+            while at < len(records):
+                at = await self._handle_batch(records, read, at)
+                if at < len(records):
+                    await self._process_record(records[at], read[at])
+                    at += 1
         finally:
             _OUTPUTS.reset(token)
         return outputs
 
-    async def _process_record(self, rec: Record) -> None:
+    async def _handle_batch(self, records: list[Record], read: list[_Read], start: int) -> int:
+        """Handle ``records[start:]`` in one step, up to the first that fails; returns the
+        index of the first record not done (``len(records)``: all done)."""
+        done = start
+        try:
+            async with self.step() as st:
+                for rec, got in zip(records[start:], read[start:], strict=True):
+                    rows, callbacks = len(st.outbox), len(st.on_commit)
+                    try:
+                        async with self.step():  # a savepoint: a failure undoes this record
+                            await self._handle_read(rec, got)
+                    except Exception as exc:
+                        del st.outbox[rows:]
+                        del st.on_commit[callbacks:]
+                        self._log.info(
+                            "batch_record_failed", offset=rec.offset, error=repr(exc)[:200]
+                        )
+                        break
+                    done += 1
+        except Exception as exc:  # the commit itself failed: none of the batch is done
+            self._log.warning("batch_step_failed", records=done - start, error=repr(exc)[:200])
+            return start
+        return done
+
+    async def _handle_read(self, rec: Record, got: _Read) -> None:
+        """One read record inside the running step: dead-lettered, or checked for a replay
+        and handled."""
+        if isinstance(got, DecodeError):
+            await self._dead_letter(rec, got)
+            return
+        verified, env, message = got
+        if self._accept(rec, verified, message):
+            await self._step(rec, env, message)
+        else:
+            await self._dead_letter(rec, _replayed(rec))
+
+    def _read(self, rec: Record) -> _Read:
+        """Everything about a record that needs no transaction: its signature, envelope,
+        message and the contract's checks; the :class:`DecodeError` that dead-letters it."""
         self.metrics.inc("xsettle_records_in_total", topic_family=family_of_topic(rec.topic))
         try:
             if rec.poison is not None:
@@ -956,9 +1026,17 @@ class Node:
             message = self.codec.decode(rec.value)
             check(env, message, rec.topic)
         except DecodeError as exc:
-            await self._dead_letter(rec, exc)
-            return
+            return exc
         self.metrics.inc("xsettle_messages_in_total", family=FAMILY_OF[type(message)])
+        return verified, env, message
+
+    async def _process_record(self, rec: Record, got: _Read) -> None:
+        """One record the batch could not handle, in steps of its own: tried again with
+        backoff, then given up (INTERNAL_ERROR answered, ops told)."""
+        if isinstance(got, DecodeError):
+            await self._dead_letter(rec, got)
+            return
+        verified, env, message = got
         delay = self.settings.retry_initial_ms / 1000
         attempts = self.settings.retry_attempts
         failure: BaseException | None = None
