@@ -1342,6 +1342,16 @@ async def _run_figures(
             profiler.disable()
             profiler.dump_stats(str(plan.profile))
 
+    # The peer row: FastStream's Kafka RPC recipe, the same models and window (the module
+    # imports this one, hence here).
+    from simulators.bench_faststream import bench_faststream
+
+    peer = await bench_faststream(settings, bootstrap, sizes.bus, repeat, log=say)
+    if peer["installed"]:
+        peer["ratio_to_raw"] = peer["best"]["median"] / raw_median
+        peer["bus_to_best"] = bus_median / peer["best"]["median"]
+    results["faststream"] = peer
+
     pg_e2e = server is not None and plan.pg_e2e_pair is not None
     say("end to end (home review + host settlement)"
         + (", SQLite and PostgreSQL (runs interleaved)" if pg_e2e else ""))  # fmt: skip
@@ -1451,6 +1461,17 @@ def table(doc: dict[str, Any]) -> str:
     if pg is not None:
         add("bus round trip, PostgreSQL", pg["round_trips_per_s"], "rt/s",
             f"{pg['ratio_to_raw']:.3f} x raw; {pg['to_sqlite']:.2f} x SQLite, signed")  # fmt: skip
+    peer = r.get("faststream")
+    if peer is not None and peer["installed"]:
+        sweep = ", ".join(f"{w}: {_fmt(m)}" for w, m in peer["sweep"].items())
+        add("FastStream RPC (default)", peer["default"], "rt/s",
+            f"faststream {peer['version']}, its Kafka RPC recipe, max_workers unset")  # fmt: skip
+        add(f"FastStream best, max_workers={peer['best_max_workers']}", peer["best"], "rt/s",
+            f"{peer['ratio_to_raw']:.3f} x raw; medians by max_workers {sweep}")  # fmt: skip
+        add("bus ÷ FastStream best", None, "",
+            f"{peer['bus_to_best']:.2f} (signed bus median ÷ FastStream best median)")  # fmt: skip
+    elif peer is not None:
+        add("FastStream RPC", None, "", peer["note"])
     add("end to end", r["e2e"]["claims_per_s"], "claims/s",
         f"{r['e2e']['ratio_to_raw']:.3f} x raw")  # fmt: skip
     pg = r.get("e2e_postgresql")
@@ -1521,7 +1542,8 @@ def table(doc: dict[str, Any]) -> str:
     lines = [f"{'figure':<34}{'median':>12}{'min':>12}{'max':>12}  {'unit':<9}note"]
     lines.append("-" * len(lines[0]) + "-" * 30)
     for name, s, unit, note in rows:
-        if s is None:
+        if s is None:  # a row with no figure (a ratio, or why it is missing): its note alone
+            lines.append(f"{name:<34}{'':>36}  {unit:<9}{note}")
             continue
         lines.append(
             f"{name:<34}{_fmt(s['median']):>12}{_fmt(s['min']):>12}{_fmt(s['max']):>12}"

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from bus.settings import BusSettings
-from simulators.bench import TINY, Plan, make_plan, run_bench, table, write_report
+from simulators.bench import TINY, WINDOW, Plan, make_plan, run_bench, table, write_report
+from simulators.bench_faststream import NOT_INSTALLED, FastStreamEcho
 from tests.conftest import ProvincePool
 
 pytestmark = pytest.mark.broker
@@ -76,7 +77,7 @@ async def test_quick_bench_writes_every_figure(
     assert set(results) == {
         "raw", "bus", "bus_unsigned", "latency", "latency_unsigned", "e2e", "codec", "store",
         "provinces", "signing", "bus_postgresql", "latency_postgresql", "e2e_postgresql",
-        "store_postgresql", "postgresql",
+        "store_postgresql", "postgresql", "faststream",
     }  # fmt: skip
     assert loaded["config"]["postgresql"] == "embedded"
 
@@ -173,6 +174,18 @@ async def test_quick_bench_writes_every_figure(
     assert pg_store["indexes_mb"] > 0
     assert pg_store["table_mb"] >= pg_store["heap_mb"] + pg_store["indexes_mb"]
 
+    # The peer row: FastStream's recipe at its default and its best max_workers, or why not.
+    peer = results["faststream"]
+    if peer["installed"]:
+        _positive(peer["default"])
+        _positive(peer["best"])
+        assert peer["best"]["median"] == max(peer["sweep"].values())
+        assert str(peer["best_max_workers"]) in peer["sweep"]
+        assert peer["window"] == WINDOW
+        assert peer["bus_to_best"] > 0
+    else:
+        assert peer["note"] == NOT_INSTALLED
+
     provinces = results["provinces"]["2"]
     assert provinces["topics_created"] == 12
     _positive(provinces["startup_to_assigned_s"])
@@ -193,6 +206,7 @@ async def test_quick_bench_writes_every_figure(
         f"PG store {size:,} expire {TINY.sweep}",
         f"store {size:,} unacknowledged",
         "PostgreSQL " + server["server_version"],
+        "FastStream",
     ):
         assert row in text, row
 
@@ -204,6 +218,32 @@ async def test_quick_bench_writes_every_figure(
     assert "bus round trip " in text
     assert "PostgreSQL" not in text
     assert "PG store" not in text
+
+    # Without faststream the peer row says so; a report from before the row still prints.
+    loaded["results"]["faststream"] = {"installed": False, "note": NOT_INSTALLED}
+    rows = table(loaded).splitlines()
+    assert any(r.startswith("FastStream RPC ") and r.endswith(NOT_INSTALLED) for r in rows)
+    del loaded["results"]["faststream"]
+    assert "FastStream" not in table(loaded)
+
+
+@pytest.mark.timeout(60)
+async def test_faststream_recipe_answers_every_request(broker: str, settings: BusSettings) -> None:
+    """The peer row's FastStream echo, for real on the embedded broker: every request is
+    answered with its own claim's review, at the default concurrency and with max_workers."""
+    pytest.importorskip(
+        "faststream", reason="faststream (the bench's peer row) is not installed: a dev extra"
+    )
+    for max_workers in (None, 8):
+        echo = FastStreamEcho(settings, broker, max_workers)
+        await echo.start()
+        try:
+            rate = await echo.run(60)
+        finally:
+            await echo.stop()
+        assert rate > 0
+        assert echo.handled == 60
+        assert echo.answered == 60
 
 
 def test_plan_gives_every_part_its_own_provinces() -> None:
