@@ -963,18 +963,22 @@ class Node:
             read = [self._read(rec) for rec in records]
             at = 0
             while at < len(records):
-                at = await self._handle_batch(records, read, at)
+                at, failure = await self._handle_batch(records, read, at)
                 if at < len(records):
-                    await self._process_record(records[at], read[at])
+                    await self._process_record(records[at], read[at], failure)
                     at += 1
         finally:
             _OUTPUTS.reset(token)
         return outputs
 
-    async def _handle_batch(self, records: list[Record], read: list[_Read], start: int) -> int:
+    async def _handle_batch(
+        self, records: list[Record], read: list[_Read], start: int
+    ) -> tuple[int, BaseException | None]:
         """Handle ``records[start:]`` in one step, up to the first that fails; returns the
-        index of the first record not done (``len(records)``: all done)."""
+        index of the first record not done (``len(records)``: all done) and why it failed
+        (None when the step's commit failed: it was not tried on its own)."""
         done = start
+        failure: BaseException | None = None
         try:
             async with self.step() as st:
                 for rec, got in zip(records[start:], read[start:], strict=True):
@@ -985,15 +989,15 @@ class Node:
                     except Exception as exc:
                         del st.outbox[rows:]
                         del st.on_commit[callbacks:]
-                        self._log.info(
-                            "batch_record_failed", offset=rec.offset, error=repr(exc)[:200]
-                        )
+                        failure = exc
                         break
                     done += 1
         except Exception as exc:  # the commit itself failed: none of the batch is done
-            self._log.warning("batch_step_failed", records=done - start, error=repr(exc)[:200])
-            return start
-        return done
+            self._log.warning(
+                "batch_step_failed", records=done - start, error=repr(exc)[:ERROR_TEXT_MAX]
+            )
+            return start, None
+        return done, failure
 
     async def _handle_read(self, rec: Record, got: _Read) -> None:
         """One read record inside the running step: dead-lettered, or checked for a replay
@@ -1030,17 +1034,40 @@ class Node:
         self.metrics.inc("xsettle_messages_in_total", family=FAMILY_OF[type(message)])
         return verified, env, message
 
-    async def _process_record(self, rec: Record, got: _Read) -> None:
-        """One record the batch could not handle, in steps of its own: tried again with
-        backoff, then given up (INTERNAL_ERROR answered, ops told)."""
+    async def _process_record(
+        self, rec: Record, got: _Read, failure: BaseException | None = None
+    ) -> None:
+        """One record the batch could not handle (its first try raised ``failure``), in
+        steps of its own: tried again with backoff, then given up (INTERNAL_ERROR answered,
+        ops told)."""
         if isinstance(got, DecodeError):
             await self._dead_letter(rec, got)
             return
         verified, env, message = got
         delay = self.settings.retry_initial_ms / 1000
         attempts = self.settings.retry_attempts
-        failure: BaseException | None = None
-        for attempt in range(1, attempts + 1):
+        attempt = 0 if failure is None else 1
+        while True:
+            if failure is not None:
+                self.metrics.inc("xsettle_handler_retries_total", type=env.message_type)
+                self._log.warning(
+                    "step_failed",
+                    message_id=env.message_id,
+                    type=env.message_type,
+                    attempt=attempt,
+                    error=repr(failure)[:ERROR_TEXT_MAX],
+                )
+                if isinstance(failure, BusError) and not failure.retriable:
+                    break
+                if attempt >= attempts:
+                    break
+                # Wait in this partition only; a stop cuts the wait short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+                if self._stop_event.is_set():
+                    raise asyncio.CancelledError from failure
+                delay = min(delay * 2, self.settings.retry_max_ms / 1000)
+            attempt += 1
             try:
                 async with self.step():
                     if self._accept(rec, verified, message):
@@ -1050,24 +1077,6 @@ class Node:
                 return
             except Exception as exc:
                 failure = exc
-                self.metrics.inc("xsettle_handler_retries_total", type=env.message_type)
-                self._log.warning(
-                    "step_failed",
-                    message_id=env.message_id,
-                    type=env.message_type,
-                    attempt=attempt,
-                    error=repr(exc)[:ERROR_TEXT_MAX],
-                )
-                if isinstance(exc, BusError) and not exc.retriable:
-                    break
-                if attempt == attempts:
-                    break
-                # Wait in this partition only; a stop cuts the wait short.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
-                if self._stop_event.is_set():
-                    raise asyncio.CancelledError from exc
-                delay = min(delay * 2, self.settings.retry_max_ms / 1000)
         async with self.step():
             if self._accept(rec, verified, message):
                 await self._give_up(rec, env, message, failure)

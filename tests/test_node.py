@@ -501,3 +501,52 @@ class TestCrashWindows:
         pending = second.store.get_pending(request_id)
         assert pending is not None
         assert pending.state == "expired"
+
+
+class TestBatches:
+    async def test_a_failing_record_is_undone_alone_and_the_batch_goes_on(
+        self, make_node: NodeFactory, province_pool: ProvincePool, codec: Codec
+    ) -> None:
+        """Twenty claims of one person wait in one partition and are handled in one step.
+        The seventh fails once after its handler sent a notice: only its work is undone
+        (the notice is never sent), the six before it commit, it is tried again on its own,
+        and the rest follow in order; every claim answered once."""
+        host_code, home_code = province_pool.take(), province_pool.take()
+        host = await make_node(host_code)
+        home = await make_node(home_code, start=False)
+        calls: list[str] = []
+        steps: list[int] = []
+        failed: set[str] = set()
+        ids = [f"C-{region(host_code)}-{i}" for i in range(1, 21)]
+
+        @home.on(ClaimPackage)
+        async def review(message: Message, ctx: Context) -> Message | None:
+            assert isinstance(message, ClaimPackage)
+            calls.append(message.claim_id)
+            steps.append(id(ctx.node.store.current()))
+            note = samples.notice().model_copy(update={"claim_id": message.claim_id})
+            await ctx.node.publish(note, target=host_code, key=b"side")
+            if message.claim_id == ids[6] and message.claim_id not in failed:
+                failed.add(message.claim_id)
+                raise RuntimeError("the back office hiccups once")
+            return samples.review(message.claim_id)
+
+        answers: list[Answer] = []
+
+        @host.on_answer(ClaimPackage)
+        async def answered(answer: Answer) -> None:
+            answers.append(answer)
+
+        for c in ids:
+            await host.request(claim_between(host_code, home_code, c), deadline_s=30)
+        await home.start()
+        await eventually(lambda: len(answers) >= 20, timeout_s=30)
+        assert all(a.ok for a in answers)
+        assert calls == ids[:7] + ids[6:]  # in order; the seventh twice
+        assert len(set(steps[:6])) == 1  # the six before it: one step (one transaction)
+        notices = await read_topic(
+            host.bootstrap, host.settings, topic("settlement", host_code), expect=20
+        )
+        noticed = [codec.decode_as(r.value or b"", SettlementNotice).claim_id for r in notices]
+        assert sorted(noticed) == sorted(ids)  # the failed try's notice was never sent
+        assert home.metrics.get("xsettle_handler_retries_total", type=ClaimPackage.avro_name) == 1
