@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from bus.broker import EmbeddedBroker, create_contract_topics
 from bus.logs import configure
@@ -108,15 +110,28 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line on stderr, naming the problem and where
+    help is, with exit code 2 (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full command line."""
-    parser = argparse.ArgumentParser(
+    """The full command line (its subcommands' parsers are :class:`OneLineParser` too)."""
+    parser = OneLineParser(
         prog="xsettle", description="Cross-province medical settlement bus (异地就医直接结算)"
     )
-    parser.add_argument("--log-json", action="store_true", help="log JSON lines on stderr")
+    parser.add_argument("--version", action="version", version=f"xsettle {version()}")
     parser.add_argument(
-        "--log-level", default=None, help="log level (default: ERROR for demo, else INFO)"
-    )
+        "--log-json", action="store_true",
+        help="log JSON lines on stderr (anywhere on the line; or XSETTLE_LOG_JSON=1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level", default=None,
+        help="log level (default: ERROR for demo, else INFO; or XSETTLE_LOG_LEVEL)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
@@ -143,15 +158,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""What ``--log-level`` takes (any case)."""
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    try:
+        return importlib.metadata.version("xsettle")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def global_options(argv: Sequence[str]) -> tuple[list[str], bool, str | None]:
+    """Take ``--log-json`` and ``--log-level L`` (or ``--log-level=L``) from anywhere in the
+    command line, before or after the subcommand; the rest of it, whether JSON logs, the
+    level. ``XSETTLE_LOG_JSON=1`` and ``XSETTLE_LOG_LEVEL`` are the defaults."""
+    rest: list[str] = []
+    log_json = os.environ.get("XSETTLE_LOG_JSON", "").lower() in ("1", "true", "yes")
+    level = os.environ.get("XSETTLE_LOG_LEVEL") or None
+    items = iter(argv)
+    for arg in items:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(items)
+            break
+        if arg == "--log-json":
+            log_json = True
+        elif arg == "--log-level":
+            level = next(items, None)
+            if level is None:
+                rest.append(arg)  # argparse says what is missing
+        elif arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, log_json, level
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xsettle`` console script."""
-    args = build_parser().parse_args(argv)
+    rest, log_json, level = global_options(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if level is not None and level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level {level}: use one of {', '.join(LOG_LEVELS).lower()}")
+    args = parser.parse_args(rest)
+    args.log_json, args.log_level = log_json, level
     quiet = args.command in ("demo", "directory", "bench")
     configure(json=args.log_json, level=args.log_level or ("ERROR" if quiet else "INFO"))
     try:
         code: int = asyncio.run(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``xsettle ... | head``): no traceback, and nothing more to
+        # flush into the closed pipe at exit (the Python documentation's recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return code
 
 
