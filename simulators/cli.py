@@ -15,11 +15,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 from bus.broker import EmbeddedBroker, create_contract_topics
 from bus.logs import configure
 from bus.settings import BusSettings
+from simulators.failures import describe, known_province
 
 SUBCOMMAND_MODULES = (
     "simulators.demo",
@@ -83,6 +85,8 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     from adapters.directory import Directory
 
     directory = Directory.load(args.file) if args.file else Directory.default()
+    if args.host is not None:
+        known_province(args.host, directory, "--host")
     if args.json:
         print(json.dumps(directory.to_json_dict(), ensure_ascii=False, indent=2))
         return 0
@@ -132,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=None,
         help="log level (default: ERROR for demo, else INFO; or XSETTLE_LOG_LEVEL)",
     )  # fmt: skip
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="a failure shows its traceback instead of one line (or XSETTLE_DEBUG=1)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
@@ -170,12 +178,30 @@ def version() -> str:
         return "0+unknown"
 
 
-def global_options(argv: Sequence[str]) -> tuple[list[str], bool, str | None]:
-    """Take ``--log-json`` and ``--log-level L`` (or ``--log-level=L``) from anywhere in the
-    command line, before or after the subcommand; the rest of it, whether JSON logs, the
-    level. ``XSETTLE_LOG_JSON=1`` and ``XSETTLE_LOG_LEVEL`` are the defaults."""
+@dataclass(frozen=True)
+class GlobalOptions:
+    """The options of every command, taken from anywhere on the line (:func:`global_options`)."""
+
+    rest: list[str]
+    """The command line without them."""
+    log_json: bool = False
+    """``--log-json`` / ``XSETTLE_LOG_JSON=1``."""
+    log_level: str | None = None
+    """``--log-level L`` / ``XSETTLE_LOG_LEVEL``."""
+    debug: bool = False
+    """``--debug`` / ``XSETTLE_DEBUG=1``: a failure shows its traceback, not one line."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def global_options(argv: Sequence[str]) -> GlobalOptions:
+    """Take ``--log-json``, ``--log-level L`` (or ``--log-level=L``) and ``--debug`` from
+    anywhere in the command line, before or after the subcommand (up to ``--``).
+    ``XSETTLE_LOG_JSON=1``, ``XSETTLE_LOG_LEVEL`` and ``XSETTLE_DEBUG=1`` are the defaults."""
     rest: list[str] = []
-    log_json = os.environ.get("XSETTLE_LOG_JSON", "").lower() in ("1", "true", "yes")
+    log_json, debug = _flag("XSETTLE_LOG_JSON"), _flag("XSETTLE_DEBUG")
     level = os.environ.get("XSETTLE_LOG_LEVEL") or None
     items = iter(argv)
     for arg in items:
@@ -185,6 +211,8 @@ def global_options(argv: Sequence[str]) -> tuple[list[str], bool, str | None]:
             break
         if arg == "--log-json":
             log_json = True
+        elif arg == "--debug":
+            debug = True
         elif arg == "--log-level":
             level = next(items, None)
             if level is None:
@@ -193,17 +221,18 @@ def global_options(argv: Sequence[str]) -> tuple[list[str], bool, str | None]:
             level = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-    return rest, log_json, level
+    return GlobalOptions(rest, log_json, level, debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xsettle`` console script."""
-    rest, log_json, level = global_options(sys.argv[1:] if argv is None else argv)
+    options = global_options(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    level = options.log_level
     if level is not None and level.upper() not in LOG_LEVELS:
         parser.error(f"--log-level {level}: use one of {', '.join(LOG_LEVELS).lower()}")
-    args = parser.parse_args(rest)
-    args.log_json, args.log_level = log_json, level
+    args = parser.parse_args(options.rest)
+    args.log_json, args.log_level, args.debug = options.log_json, level, options.debug
     quiet = args.command in ("demo", "directory", "bench")
     configure(json=args.log_json, level=args.log_level or ("ERROR" if quiet else "INFO"))
     try:
@@ -216,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        status, line = describe(exc)
+        print(f"xsettle {args.command}: {line}", file=sys.stderr)
+        return status
     return code
 
 

@@ -44,6 +44,7 @@ from bus.pg import masked_url
 from bus.settings import BusSettings
 from bus.store import SqlStore, Store
 from simulators.cli import add_bootstrap, settings_from
+from simulators.failures import province_code
 
 REDRAW_S = 1.0
 """How often the live error view is redrawn."""
@@ -121,6 +122,7 @@ def render_errors(agg: ErrorAggregate, newest: int = NEWEST) -> str:
 
 async def cmd_errors(args: argparse.Namespace) -> int:
     """``ops errors``."""
+    province_code(args.province, "--province")
     bootstrap = _need_bootstrap(args)
     if bootstrap is None:
         return 2
@@ -179,6 +181,7 @@ def _stop_event() -> asyncio.Event:
 
 async def cmd_dlq(args: argparse.Namespace) -> int:
     """``ops dlq``."""
+    province_code(args.province, "--province")
     bootstrap = _need_bootstrap(args)
     if bootstrap is None:
         return 2

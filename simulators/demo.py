@@ -57,6 +57,7 @@ from bus.settings import BusSettings
 from bus.transport import Consumer
 from simulators.closing import DayClose, close_day, close_month, plant_reversals
 from simulators.desks import GatewayDesks, Refused
+from simulators.failures import known_province
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.reviewers import SimulatedReviewer
@@ -932,6 +933,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from simulators.cli import settings_from
 
     scenario = Scenario.load(args.scenario, claims=args.claims, seed=args.seed)
+    silent = scenario.faults.silent_home
+    if silent is not None:
+        known_province(silent, Directory.default(), f"{args.scenario or 'scenario'}: silent_home")
     if not args.quiet:
         print(
             f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "

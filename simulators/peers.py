@@ -56,6 +56,7 @@ from simulators.demo import (
     write_report,
 )
 from simulators.desks import GatewayDesks, OpenReview, ProposedItem, Refused, ReviewerClient
+from simulators.failures import UsageError, known_province, known_provinces
 from simulators.invariants import Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -479,7 +480,7 @@ async def run_peer(
 
     settings = settings_from(args)
     if settings.bootstrap is None:
-        raise SystemExit("this command needs --bootstrap (or XSETTLE_BOOTSTRAP)")
+        raise UsageError("this command needs --bootstrap (or XSETTLE_BOOTSTRAP)")
     directory = Directory.load(args.directory) if args.directory else Directory.default()
     await wait_for_metadata(settings, settings.bootstrap)
     await create_contract_topics(settings, settings.bootstrap, list(directory.provinces()))
@@ -592,6 +593,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 async def cmd_province(args: argparse.Namespace) -> int:
     """``xsettle province <code>``."""
     args.claims = 1
+    directory = Directory.load(args.directory) if args.directory else Directory.default()
+    known_province(args.code, directory, "province")
     try:
         report = await run_peer(args, [args.code], own_day=False)
     except ProvinceFailed as exc:
@@ -606,6 +609,7 @@ async def cmd_province(args: argparse.Namespace) -> int:
 async def cmd_simulate(args: argparse.Namespace) -> int:
     """``xsettle simulate --except <code>``."""
     directory = Directory.load(args.directory) if args.directory else Directory.default()
+    known_provinces(args.excluded, directory, "--except")
     provinces = [p for p in directory.provinces() if p not in args.excluded]
     try:
         report = await run_peer(args, provinces, own_day=args.claims > 0)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Rate = float
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be read or does not validate (the message names it)."""
 
 
 class Faults(BaseModel):
@@ -82,6 +86,18 @@ class Scenario(BaseModel):
         """A scenario from a TOML file (or the defaults), then overrides (None ignored)."""
         data: dict[str, object] = {}
         if path is not None:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ScenarioError(f"{path}: cannot read the scenario: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ScenarioError(
+                f"{path or 'scenario'}: {where}: {first['msg']} (got {first.get('input')!r})"
+            ) from exc
