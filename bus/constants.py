@@ -117,8 +117,6 @@ FINGERPRINT_LEN: Final = 8
 """CRC-64-AVRO fingerprints are 8 bytes, little-endian on the wire."""
 HEADER_LEN: Final = len(SINGLE_OBJECT_MARKER) + FINGERPRINT_LEN
 
-NAMESPACE: Final = "xsettle.v1"
-
 # --- Limits -----------------------------------------------------------------------------------
 DEFAULT_PARTITIONS: Final = 3
 """Partitions per topic on the embedded broker: enough to show per-key ordering under

@@ -33,7 +33,7 @@ from bus.constants import (
     TOPIC_RE,
     topic,
 )
-from bus.deadletter import parse_dead_letter, replay_marker
+from bus.deadletter import original_headers, parse_dead_letter, replay_marker
 from bus.envelope import Envelope, header_dict, now_ms
 from bus.errors import DecodeError
 from bus.logs import ID_KEYS, NAME_KEYS, mask_id, mask_name, mask_text
@@ -46,12 +46,6 @@ log = structlog.get_logger(__name__)
 
 Since = Literal["now", "beginning"] | int
 """Where a reader starts: new records only, everything, or records at/after epoch ms."""
-
-H_DLQ_REPLAY_OF: Final = "xs-dlq-replay-of"
-"""On a replay marker in a DLQ topic: ``topic:partition:offset`` of the dead letter replayed."""
-
-DLQ_HEADER_PREFIX: Final = "xs-dlq-"
-"""Diagnostic headers a dead letter carries besides its original ones (stripped on replay)."""
 
 FETCH_MS: Final = 200
 """Longest one fetch of an ops reader blocks, so stop conditions are checked often."""
@@ -461,7 +455,7 @@ class DeadLetter:
 
     def original_headers(self) -> Headers:
         """The original headers: diagnostic ``xs-dlq-*`` headers stripped, the rest kept."""
-        return tuple((k, v) for k, v in self.headers if not k.startswith(DLQ_HEADER_PREFIX))
+        return original_headers(self.headers)
 
     def decoded_preview(self, codec: Codec | None = None) -> dict[str, Any]:
         """Decode as far as possible, masked: headers as envelope fields, the value as its

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable
@@ -73,8 +74,15 @@ SIGNED_HEADERS: Final = (
 
 SIGNATURE_HEADERS: Final = (H_SIGNATURE_ALG, H_KEY_ID, H_SIGNATURE)
 """Headers the signer writes (it replaces any it finds)."""
+_SIGNATURE_NAMES: Final = frozenset(SIGNATURE_HEADERS)
+""":data:`SIGNATURE_HEADERS` as a set."""
+_SIGNED_OR_SIGNATURE: Final = frozenset(SIGNED_HEADERS) | _SIGNATURE_NAMES
+"""The headers :func:`canonical` looks at."""
 
-_LEN = struct.Struct(">I")
+_PRESENT = struct.Struct(">BI")
+"""The first five bytes of a present field of the canonical form: 0x01, then its length."""
+_ABSENT: Final = b"\x00"
+"""An absent field of the canonical form."""
 DEMO_SEED: Final = b"xsettle demo signing key/"
 """Prefix of the seed a demo key is derived from: anyone can derive it (simulations only)."""
 
@@ -88,34 +96,46 @@ class SignatureError(DecodeError):
     code = ErrorCode.SIGNATURE_INVALID
 
 
+def _by_name(headers: Headers) -> dict[str, bytes]:
+    """A record's headers by name, to read its signed and signature headers from; a signed
+    header present twice is a :class:`SignatureError` (``duplicate_header``), a name that
+    carries no meaning may repeat."""
+    found = dict(headers)
+    if len(found) < len(headers):  # some name repeats (rare): is it one that counts?
+        seen: set[str] = set()
+        for name, _ in headers:
+            if name in _SIGNED_OR_SIGNATURE:
+                if name in seen:
+                    raise SignatureError("duplicate_header", f"header {name} appears twice")
+                seen.add(name)
+    return found
+
+
 def _field(data: bytes | None) -> bytes:
     """One field of the canonical form: 0x00 when absent, else 0x01, 4-byte big-endian
     length, the bytes."""
-    if data is None:
-        return b"\x00"
-    return b"\x01" + _LEN.pack(len(data)) + data
+    return _ABSENT if data is None else _PRESENT.pack(1, len(data)) + data
+
+
+def _canonical(found: dict[str, bytes], key: bytes | None, value: bytes | None) -> bytes:
+    """The canonical form of a record whose headers by name are ``found``: one join (it is
+    built for every record sent and every record received)."""
+    present = _PRESENT.pack
+    get = found.get
+    signed = [
+        _ABSENT if (raw := get(name)) is None else present(1, len(raw)) + raw
+        for name in SIGNED_HEADERS
+    ]
+    return b"".join((CANONICAL_TAG, *signed, _field(key), _field(value)))
 
 
 def canonical(headers: Headers, key: bytes | None, value: bytes | None) -> bytes:
     """The bytes a signature covers: :data:`CANONICAL_TAG`, then each of
     :data:`SIGNED_HEADERS` in order as a field of its raw header value, then the key, then the
-    value. A signed header present twice is a :class:`SignatureError` (``duplicate_header``):
-    a reader taking the other copy must never see different meaning under the same
-    signature."""
-    found: dict[str, bytes] = {}
-    for name, raw in headers:
-        if name in _SIGNED_OR_SIGNATURE:
-            if name in found:
-                raise SignatureError("duplicate_header", f"header {name} appears twice")
-            found[name] = raw
-    parts = [CANONICAL_TAG]
-    parts.extend(_field(found.get(name)) for name in SIGNED_HEADERS)
-    parts.append(_field(key))
-    parts.append(_field(value))
-    return b"".join(parts)
-
-
-_SIGNED_OR_SIGNATURE: Final = frozenset(SIGNED_HEADERS) | frozenset(SIGNATURE_HEADERS)
+    value (see :func:`_field`). A signed header present twice is a :class:`SignatureError`
+    (``duplicate_header``): a reader taking the other copy must never see different meaning
+    under the same signature."""
+    return _canonical(_by_name(headers), key, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +166,18 @@ class PublicKey:
         if self.algorithm != ED25519:
             return False
         try:
-            Ed25519PublicKey.from_public_bytes(self.public).verify(signature, data)
+            _ed25519_key(self.public).verify(signature, data)
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _ed25519_key(public: bytes) -> Ed25519PublicKey:
+    """The Ed25519 key object of raw public key bytes, built once per key rather than once
+    per record verified (the directory has a few keys per province). ``ValueError`` for
+    bytes that are no Ed25519 public key (not cached)."""
+    return Ed25519PublicKey.from_public_bytes(public)
 
 
 class KeyRing:
@@ -230,9 +258,8 @@ class Signer:
 
     def sign(self, headers: Headers, key: bytes | None, value: bytes) -> Headers:
         """``headers`` with the signature headers appended (any old ones replaced)."""
-        kept = tuple((k, v) for k, v in headers if k not in SIGNATURE_HEADERS)
         labelled = (
-            *kept,
+            *[h for h in headers if h[0] not in _SIGNATURE_NAMES],
             (H_SIGNATURE_ALG, self.algorithm.encode()),
             (H_KEY_ID, self.key_id.encode("utf-8")),
         )
@@ -264,7 +291,11 @@ class Verified:
 
 
 def _one(headers: Headers, name: str) -> bytes | None:
-    return next((v for k, v in headers if k == name), None)
+    """The first value of header ``name``, or None."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
 
 
 @dataclass(frozen=True)
@@ -281,18 +312,19 @@ class Verifier:
         self, headers: Headers, key: bytes | None, value: bytes | None, now_ms: int
     ) -> Verified:
         """Check one record; :class:`SignatureError` says why it is refused."""
-        data = canonical(headers, key, value)  # raises on a duplicated signed header
-        raw_sig = _one(headers, H_SIGNATURE)
+        found = _by_name(headers)  # raises on a duplicated signed header
+        data = _canonical(found, key, value)
+        raw_sig = found.get(H_SIGNATURE)
         if raw_sig is None:
             raise SignatureError("unsigned", "the record carries no xs-signature")
-        alg = (_one(headers, H_SIGNATURE_ALG) or b"").decode("utf-8", "replace")
+        alg = (found.get(H_SIGNATURE_ALG) or b"").decode("utf-8", "replace")
         if alg not in ALGORITHMS:
             raise SignatureError("unknown_algorithm", f"xs-signature-alg {alg!r} is not known")
-        key_id = (_one(headers, H_KEY_ID) or b"").decode("utf-8", "replace")
+        key_id = (found.get(H_KEY_ID) or b"").decode("utf-8", "replace")
         pub = self.keys.get(key_id)
         if pub is None:
             raise SignatureError("unknown_key", f"xs-key-id {key_id!r} is not in the directory")
-        source = (_one(headers, H_SOURCE) or b"").decode("utf-8", "replace")
+        source = (found.get(H_SOURCE) or b"").decode("utf-8", "replace")
         if pub.province != source:
             raise SignatureError(
                 "key_not_owned", f"key {key_id} belongs to {pub.province}, not to {source!r}"
@@ -304,7 +336,7 @@ class Verifier:
         except (binascii.Error, ValueError) as exc:
             raise SignatureError("malformed_signature", "xs-signature is not base64") from exc
         try:
-            sent = int(_one(headers, H_SENT_AT) or b"")
+            sent = int(found.get(H_SENT_AT) or b"")
         except ValueError as exc:
             raise SignatureError("stale", "xs-sent-at is not a number") from exc
         if not pub.verify(signature, data):
@@ -352,7 +384,8 @@ class Trust:
     def seal(self, headers: Headers, key: bytes | None, value: bytes, now_ms: int) -> Headers:
         """The headers as the record leaves now: ``xs-sent-at`` set to ``now_ms`` (the
         moment of sending, which the receiver's window checks) and the signature added."""
-        stamped = tuple((k, str(now_ms).encode() if k == H_SENT_AT else v) for k, v in headers)
+        sent = str(now_ms).encode()
+        stamped = tuple([(k, sent if k == H_SENT_AT else v) for k, v in headers])
         if self.signer is None:
             return stamped
         return self.signer.sign(stamped, key, value)

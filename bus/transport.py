@@ -222,10 +222,6 @@ class Producer:
             raise _translate(exc, f"sending to {topic}") from exc
         return int(metadata.partition), int(metadata.offset)
 
-    async def flush(self) -> None:
-        """Wait until every queued record is acknowledged."""
-        await self._producer.flush()
-
 
 Revoked = Callable[[list[Partition]], Awaitable[None]]
 Assigned = Callable[[list[Partition]], Awaitable[None]]
@@ -477,20 +473,6 @@ class Consumer:
             await self._consumer.commit({_tp(p): o for p, o in offsets.items()})
         except KafkaError as exc:
             raise _translate(exc, "committing") from exc
-
-    async def committed(self, partition: Partition) -> int | None:
-        """The group's committed offset of ``partition``."""
-        result: int | None = await self._consumer.committed(_tp(partition))
-        return result
-
-    async def seek_to_time(self, when_ms: int) -> None:
-        """Move every assigned partition to the first record at or after ``when_ms``."""
-        tps = list(self._consumer.assignment())
-        found = await self._consumer.offsets_for_times(dict.fromkeys(tps, when_ms))
-        ends = await self._consumer.end_offsets(tps)
-        for tp in tps:
-            hit = found.get(tp)
-            self._consumer.seek(tp, hit.offset if hit is not None else ends[tp])
 
     async def seek_to_end(self) -> None:
         """Move every assigned partition to its end."""

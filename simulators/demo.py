@@ -54,6 +54,7 @@ from bus.models import (
 from bus.node import Node
 from bus.pg import EmbeddedPostgres, is_postgres_url, masked_url
 from bus.settings import BusSettings
+from bus.testing import send_raw
 from bus.transport import Consumer
 from simulators.closing import DayClose, close_day, close_month, plant_reversals
 from simulators.desks import GatewayDesks, Refused
@@ -572,7 +573,7 @@ class Simulation:
             value = b"\xc3\x01" + self.rng.randbytes(24)  # a marker, then nonsense
             node, key = self.systems[v.host].node, v.person.person_id.encode()
             signed = node.trust.seal(env.to_headers(), key, value, now_ms())  # honest, signed
-            await node.send_raw(topic("claim", home), key, value, signed)
+            await send_raw(node, topic("claim", home), key, value, signed)
 
     async def silence(self) -> None:
         """Injected: stop the silent home's node for a while (instant claims to it fall back),

@@ -23,6 +23,7 @@ from adapters.backoffice import ClaimState, HostClaim, Person
 from adapters.directory import Directory
 from adapters.fixtures import LAO_ZHANG_PERSON_ID, lao_zhang_items
 from adapters.province import ProvinceSystem
+from bus import testing
 from bus.broker import create_contract_topics
 from bus.codec import Codec
 from bus.constants import H_DLQ_ERROR_KIND, H_DLQ_OFFSET, H_MESSAGE_ID, topic
@@ -113,7 +114,7 @@ class Pair:
     async def kill(self, code: str) -> None:
         """A crash: no drain, no commit, the database closed as it is."""
         system = self.systems.pop(code)
-        await system.node.kill()
+        await testing.kill(system.node)
         system.close()
 
     async def stop(self) -> None:

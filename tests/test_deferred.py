@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bus import testing
 from bus.codec import Codec
 from bus.constants import H_CORRELATION_ID, H_MESSAGE_ID, topic
 from bus.errors import Rejection, RoutingError
@@ -137,7 +138,7 @@ class TestDeferredAnswers:
         drop_dispatch(home)
         await home.answer(request_id, samples.review(claim_id))
         assert home.store.outbox_size() == 1  # committed, never sent
-        await home.kill()
+        await testing.kill(home)
         home.store.close()
         back = await home_node(make_node, home_code, state_dir)
         assert back.owed() == []

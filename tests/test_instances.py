@@ -21,6 +21,7 @@ import pytest
 
 from adapters.gateway.service import Gateway
 from adapters.gateway.testing import client, gateway_config, running_gateway
+from bus import testing
 from bus.broker import create_contract_topics
 from bus.constants import H_CORRELATION_ID, H_MESSAGE_ID, topic
 from bus.models import ClaimPackage, ErrorCode
@@ -166,7 +167,7 @@ class TestTwoInstances:
         responder.on(ClaimPackage)(Reviewer())
         await responder.start()
         await split(a, b)
-        await a.kill()
+        await testing.kill(a)
         ids = []
         async with a.step():  # committed, never dispatched: what a crash after COMMIT leaves
             for c in claims(host, home, 5):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
+from bus import consumer_loop, testing
 from bus.codec import Codec
 from bus.constants import (
     H_ATTEMPT,
@@ -140,15 +141,13 @@ class TestRequestAnswer:
         await home.start()
         await asyncio.gather(host.wait_ready(), home.wait_ready())
         # No commit for a long time: the kill lands after the answer, before any commit.
-        import bus.node as node_module
-
-        node_module.COMMIT_INTERVAL_S = 3600.0
+        consumer_loop.COMMIT_INTERVAL_S = 3600.0
         try:
             answer = await host.ask(claim_between(host_code, home_code), deadline_s=10)
             assert answer.ok
-            await home.kill()
+            await testing.kill(home)
         finally:
-            node_module.COMMIT_INTERVAL_S = 0.1
+            consumer_loop.COMMIT_INTERVAL_S = 0.1
         home.store.close()
         again = await make_node(home_code, start=False, state=state_dir)
         again.on(ClaimPackage)(reviewer)
@@ -181,7 +180,7 @@ class TestRequestAnswer:
         await host.wait_ready()
         request_id = await host.request(claim_between(host_code, home_code), deadline_s=60)
         await eventually(lambda: host.store.outbox_size() == 0)  # it left before the crash
-        await host.kill()
+        await testing.kill(host)
         host.store.close()
         home = await make_node(home_code, start=False)
         home.on(ClaimPackage)(Reviewer())
