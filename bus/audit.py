@@ -36,17 +36,36 @@ ENTRY_TAG: Final = b"XSETTLE-AUDIT-V1\n"
 GENESIS: Final = bytes(32)
 """The predecessor hash of the first entry ever written."""
 
-_LEN = struct.Struct(">I")
+_COUNT = struct.Struct(">I")
+"""The number of headers in an entry's canonical form."""
+_PRESENT = struct.Struct(">BI")
+"""The first five bytes of a present field: 0x01, then its length."""
+_ABSENT: Final = b"\x00"
+"""An absent field."""
+_TEXT_FIELDS: dict[str, bytes] = {}
+"""Fields of the texts every entry repeats (header names, directions, topics), built once."""
+_TEXT_FIELDS_MAX: Final = 1024
+"""How many texts :data:`_TEXT_FIELDS` keeps: names come off the wire (and out of export
+files), so it is bounded, in number and in length (:data:`_TEXT_FIELD_BYTES`)."""
+_TEXT_FIELD_BYTES: Final = 128
+"""The longest text :data:`_TEXT_FIELDS` keeps."""
 
 
-def _field(data: bytes | None) -> bytes:
-    if data is None:
-        return b"\x00"
-    return b"\x01" + _LEN.pack(len(data)) + data
+def _text_field(text: str) -> bytes:
+    """The field of a text (UTF-8), kept in :data:`_TEXT_FIELDS` while there is room."""
+    data = text.encode()
+    out = _PRESENT.pack(1, len(data)) + data
+    if len(data) <= _TEXT_FIELD_BYTES and len(_TEXT_FIELDS) < _TEXT_FIELDS_MAX:
+        _TEXT_FIELDS[text] = out
+    return out
 
 
-def _num(n: int | None) -> bytes | None:
-    return None if n is None else str(n).encode()
+def _num_field(n: int | None) -> bytes:
+    """The field of a number (decimal text), or :data:`_ABSENT`."""
+    if n is None:
+        return _ABSENT
+    data = str(n).encode()
+    return _PRESENT.pack(1, len(data)) + data
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,21 +102,38 @@ def entry_digest(e: AuditEntry) -> bytes:
     the number of headers (4 bytes big-endian) and each header's name and value, in wire
     order. A field is 0x00 when absent, else 0x01, its length (4 bytes big-endian), its
     bytes."""
-    parts = [
-        ENTRY_TAG,
-        _field(e.direction.encode()),
-        _field(_num(e.at_ms)),
-        _field(e.topic.encode()),
-        _field(_num(e.partition)),
-        _field(_num(e.offset)),
-        _field(e.key),
-        _field(e.value),
-        _LEN.pack(len(e.headers)),
-    ]
-    for name, value in e.headers:
-        parts.append(_field(name.encode()))
-        parts.append(_field(value))
-    return hashlib.sha256(b"".join(parts)).digest()
+    # One join per part of the entry, no call per field: every record sent or received is
+    # digested, and its header names, direction and topic are the same few texts each time.
+    texts = _TEXT_FIELDS
+    present = _PRESENT.pack
+    key, value, at = e.key, e.value, str(e.at_ms).encode()
+    digest = hashlib.sha256(
+        b"".join(
+            (
+                ENTRY_TAG,
+                texts.get(e.direction) or _text_field(e.direction),
+                present(1, len(at)),
+                at,
+                texts.get(e.topic) or _text_field(e.topic),
+                _num_field(e.partition),
+                _num_field(e.offset),
+                _ABSENT if key is None else present(1, len(key)),
+                key or b"",
+                present(1, len(value)),
+                value,
+                _COUNT.pack(len(e.headers)),
+            )
+        )
+    )
+    digest.update(
+        b"".join(
+            [
+                (texts.get(name) or _text_field(name)) + present(1, len(raw)) + raw
+                for name, raw in e.headers
+            ]
+        )
+    )
+    return digest.digest()
 
 
 def chain(prev: bytes, digest: bytes) -> bytes:
@@ -189,7 +225,7 @@ class SqlAuditLog:
             return
         with self.db.write() as cur:
             self.db.lock("audit-chain")  # one chain: instances sharing it append in turn
-            seq, prev = self.head()
+            seq, prev, unattached = self._tail(cur)
             for e in entries:
                 subject = e.subject
                 if subject is None and e.correlation_id is not None:
@@ -211,8 +247,23 @@ class SqlAuditLog:
                         subject, e.signature, digest, prev,
                     ),
                 )  # fmt: skip
-                if subject is not None:
+                if subject is None:
+                    unattached = True
+                elif unattached:
                     _attach(cur, subject, e.message_id)
+
+    def _tail(self, cur: Cursor) -> tuple[int, bytes, bool]:
+        """The chain head, and whether any entry waits for a subject (when none does, as is
+        usual, an entry gives its subject to nobody: no statement to run). Read under the
+        ``audit-chain`` lock: only :meth:`append`, holding it, writes entries without one."""
+        row = cur.execute(
+            "SELECT seq, hash, EXISTS (SELECT 1 FROM audit_log WHERE subject IS NULL) "
+            "FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            return int(row[0]), bytes(row[1]), bool(row[2])
+        seq, prev = self.head()  # an empty log: the anchor, or genesis
+        return seq, prev, False
 
     def received_at(self, signature: bytes) -> tuple[str, int | None, int | None] | None:
         rows = self.db.query(
@@ -278,22 +329,19 @@ def _attach(cur: Cursor, subject: str, message_id: str) -> None:
     their answers): a sent record is logged once the broker acknowledged it, so an answer to
     it (a fast ErrorReport) can be received and logged first. The subject is not part of the
     chain, so setting it later changes no digest and no hash."""
+    # One statement per message: the rows it sets are the answers to follow (most records
+    # have none waiting, and then the UPDATE finds nothing through the partial index).
     waiting = [message_id]
     while waiting:
-        answers = [
+        waiting = [
             str(r[0])
             for mid in waiting
             for r in cur.execute(
-                "SELECT message_id FROM audit_log WHERE subject IS NULL AND correlation_id = ?",
-                (mid,),
+                "UPDATE audit_log SET subject = ? WHERE subject IS NULL AND correlation_id = ? "
+                "RETURNING message_id",
+                (subject, mid),
             ).fetchall()
         ]
-        for mid in waiting:
-            cur.execute(
-                "UPDATE audit_log SET subject = ? WHERE subject IS NULL AND correlation_id = ?",
-                (subject, mid),
-            )
-        waiting = answers
 
 
 def _entry(row: tuple[Any, ...]) -> AuditEntry:

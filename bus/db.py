@@ -318,24 +318,23 @@ _LEN = struct.Struct(">HI")
 
 def dump_headers(headers: Headers) -> bytes:
     """Headers as one blob (cheaper than JSON and byte-exact)."""
-    out = bytearray()
-    for k, v in headers:
-        kb = k.encode("utf-8")
-        out += _LEN.pack(len(kb), len(v)) + kb + v
-    return bytes(out)
+    pack = _LEN.pack
+    return b"".join([pack(len(kb), len(v)) + kb + v for k, v in headers for kb in (k.encode(),)])
 
 
 def load_headers(blob: bytes) -> Headers:
     """Headers from a :func:`dump_headers` blob."""
+    blob = bytes(blob)  # no copy of bytes; values must come out as bytes
+    unpack = _LEN.unpack_from
+    size = _LEN.size
     pairs = []
-    pos = 0
-    while pos < len(blob):
-        klen, vlen = _LEN.unpack_from(blob, pos)
-        pos += _LEN.size
-        key = blob[pos : pos + klen].decode("utf-8")
-        pos += klen
-        pairs.append((key, bytes(blob[pos : pos + vlen])))
-        pos += vlen
+    pos, end = 0, len(blob)
+    while pos < end:
+        klen, vlen = unpack(blob, pos)
+        key_end = pos + size + klen
+        value_end = key_end + vlen
+        pairs.append((blob[pos + size : key_end].decode(), blob[key_end:value_end]))
+        pos = value_end
     return tuple(pairs)
 
 

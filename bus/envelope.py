@@ -188,23 +188,23 @@ class Envelope:
 
     def to_headers(self) -> Headers:
         """The envelope as Kafka headers, in the contract's order."""
-        pairs: list[tuple[str, str]] = [
-            (H_MESSAGE_ID, self.message_id),
-            (H_MESSAGE_TYPE, self.message_type),
-            (H_SOURCE, self.source),
-            (H_TARGET, self.target),
-            (H_SENT_AT, str(self.sent_at_ms)),
+        pairs = [
+            (H_MESSAGE_ID, self.message_id.encode()),
+            (H_MESSAGE_TYPE, self.message_type.encode()),
+            (H_SOURCE, self.source.encode()),
+            (H_TARGET, self.target.encode()),
+            (H_SENT_AT, str(self.sent_at_ms).encode()),
         ]
         if self.reply_to is not None:
-            pairs.append((H_REPLY_TO, self.reply_to))
+            pairs.append((H_REPLY_TO, self.reply_to.encode()))
         if self.deadline_ms is not None:
-            pairs.append((H_DEADLINE, str(self.deadline_ms)))
+            pairs.append((H_DEADLINE, str(self.deadline_ms).encode()))
         if self.correlation_id is not None:
-            pairs.append((H_CORRELATION_ID, self.correlation_id))
-        pairs.append((H_ATTEMPT, str(self.attempt)))
+            pairs.append((H_CORRELATION_ID, self.correlation_id.encode()))
+        pairs.append((H_ATTEMPT, str(self.attempt).encode()))
         if self.traceparent is not None:
-            pairs.append((H_TRACEPARENT, self.traceparent))
-        return tuple((k, v.encode("utf-8")) for k, v in pairs)
+            pairs.append((H_TRACEPARENT, self.traceparent.encode()))
+        return tuple(pairs)
 
     def resent(self) -> Envelope:
         """The same message sent again: same id, attempt + 1, new sent-at."""
@@ -214,7 +214,10 @@ class Envelope:
     def from_headers(cls, headers: Headers) -> Envelope:
         """Parse headers; :class:`DecodeError` ``undecodable_header``, ``missing_header`` or
         ``header_mismatch``."""
-        h = strict_headers(headers)
+        try:
+            h = {k: v.decode() for k, v in headers}
+        except UnicodeDecodeError:
+            h = strict_headers(headers)  # raises, naming the header
         missing = [
             n for n in (H_MESSAGE_ID, H_MESSAGE_TYPE, H_SOURCE, H_TARGET, H_SENT_AT) if n not in h
         ]
@@ -256,6 +259,10 @@ def strict_headers(headers: Headers) -> dict[str, str]:
 
 def text_headers(headers: Headers) -> dict[str, str]:
     """The headers whose values are UTF-8 text; others left out (for diagnostics)."""
+    try:
+        return {k: v.decode() for k, v in headers}
+    except UnicodeDecodeError:
+        pass  # rare: one by one, leaving out what does not decode
     out: dict[str, str] = {}
     for k, v in headers:
         with contextlib.suppress(UnicodeDecodeError):
@@ -265,7 +272,12 @@ def text_headers(headers: Headers) -> dict[str, str]:
 
 def sender_of(headers: Headers) -> str | None:
     """The ``xs-source`` province when it is a valid province code, else None."""
-    source = text_headers(headers).get(H_SOURCE)
+    source = None
+    for k, v in reversed(headers):  # the last one that is text, as text_headers keeps it
+        if k == H_SOURCE:
+            with contextlib.suppress(UnicodeDecodeError):
+                source = v.decode()
+                break
     return source if source is not None and PROVINCE_RE.match(source) else None
 
 

@@ -22,6 +22,9 @@ Labels = tuple[tuple[str, str], ...]
 
 
 def _labels(labels: dict[str, str]) -> Labels:
+    """The labels as a key: sorted by name (the one label most counters have needs no sort)."""
+    if len(labels) < 2:
+        return tuple(labels.items())
     return tuple(sorted(labels.items()))
 
 

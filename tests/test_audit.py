@@ -215,6 +215,40 @@ class TestExport:
         ]
         assert problems_of(doc) == []
 
+    def test_an_answer_waits_for_its_subject_across_appends_and_a_rollback(
+        self, tmp_path: Path
+    ) -> None:
+        """An answer logged first keeps waiting while other entries are logged, and while the
+        record it answers is logged in a step that fails; it gets its subject when that
+        record is logged for good, and the chain goes on from the last entry kept."""
+        db = SqliteDatabase(tmp_path / "p.sqlite3")
+        log = SqlAuditLog(db)
+        sent = entry(SENT, samples.claim(), at_ms=T0 + 3)
+        report = entry(
+            RECEIVED, report_about(sent.message_id), at_ms=T0 + 1, correlation=sent.message_id
+        )
+        log.append([report])
+        log.append([entry(SENT, samples.claim(claim_id=OTHER), at_ms=T0 + 2)])
+
+        def failing_step() -> None:
+            with db.write():
+                log.append([sent])
+                raise RuntimeError("the step fails after logging")
+
+        with pytest.raises(RuntimeError):
+            failing_step()
+        assert log.of_subject(CLAIM) == []
+        assert log.head()[0] == 2
+        log.append([sent])
+        assert [e.message_id for e in log.of_subject(CLAIM)] == [
+            report.message_id,
+            sent.message_id,
+        ]
+        doc = export(log)
+        db.close()
+        assert doc["head"]["seq"] == 3
+        assert problems_of(doc) == []
+
     def test_a_report_answering_another_claim_is_a_problem(self, log: SqlAuditLog) -> None:
         doc = export(log)
         report = full_links(doc)[3]["entry"]
