@@ -123,11 +123,13 @@ async def test_quick_bench_writes_every_figure(
     for figure in (signed, unsigned, pg_bus):
         assert figure["delivered"] >= TINY.bus * plan.repeat
     pg_latency = results["latency_postgresql"]
-    assert pg_latency["offered_per_s"] == results["latency"]["offered_per_s"]
+    # Each bus at half its own signed throughput.
+    assert pg_latency["offered_per_s"] == pytest.approx(pg_bus["round_trips_per_s"]["median"] / 2)
+    assert results["latency"]["offered_per_s"] == pytest.approx(
+        signed["round_trips_per_s"]["median"] / 2
+    )
     for key in ("p50_ms", "p99_ms", "p999_ms"):
         _positive(pg_latency[key])
-    assert pg_latency["p50_to_sqlite"] > 0
-    assert pg_latency["offered_to_throughput"] > 0
     pg_e2e = results["e2e_postgresql"]
     assert pg_e2e["database"] == "postgresql"
     _positive(pg_e2e["claims_per_s"])
