@@ -330,6 +330,13 @@ async def follow_errors(
             yield error_event(rec, codec)
 
 
+def _event_time_ms(event: ErrorEvent) -> int:
+    """When a report happened: its ``occurred_at``, else the record's timestamp."""
+    if event.report is not None:
+        return int(event.report.occurred_at.timestamp() * 1000)
+    return event.timestamp_ms
+
+
 @dataclass
 class ErrorAggregate:
     """Error reports counted by code, origin and responsible province, plus the newest.
@@ -373,7 +380,14 @@ class ErrorAggregate:
         self.by_origin[origin] += 1
         self.by_responsible[responsible] += 1
         self.by_code_responsible[(event.code, responsible)] += 1
-        self.newest.append(event)
+        # Newest by the time of the report, across topics (records of several error topics
+        # arrive interleaved): kept sorted, the oldest dropped first.
+        at = _event_time_ms(event)
+        if self.newest and at < _event_time_ms(self.newest[-1]):
+            ordered = sorted([*self.newest, event], key=_event_time_ms)
+            self.newest = deque(ordered)
+        else:
+            self.newest.append(event)
         while len(self.newest) > self.newest_n:
             self.newest.popleft()
         return True

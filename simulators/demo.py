@@ -760,7 +760,9 @@ class Simulation:
 async def read_error_reports(
     settings: BusSettings, bootstrap: str, provinces: list[str]
 ) -> list[dict[str, str]]:
-    """Every ErrorReport on the provinces' error topics, from the beginning to now."""
+    """Every ErrorReport on the provinces' error topics, from the beginning to now, once: a
+    report sent to two topics (the province that must act and the detector's own ops) has
+    one ``error_id`` and counts once, as in ``ops errors`` and the console."""
     from bus.codec import Codec
     from bus.envelope import header_dict
 
@@ -768,6 +770,7 @@ async def read_error_reports(
     consumer = Consumer(settings, bootstrap, group=None, name="demo-report")
     await consumer.start()
     out: list[dict[str, str]] = []
+    counted: set[str] = set()
     try:
         parts = []
         for p in provinces:
@@ -783,7 +786,8 @@ async def read_error_reports(
                     rep = codec.decode(rec.value or b"")
                 except Exception:  # noqa: S112 - an undecodable report is not ours to judge here
                     continue
-                if isinstance(rep, ErrorReport):
+                if isinstance(rep, ErrorReport) and rep.error_id not in counted:
+                    counted.add(rep.error_id)
                     out.append(
                         {
                             "code": rep.code.value,

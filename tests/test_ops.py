@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import time
 import urllib.request
@@ -546,3 +547,32 @@ class TestCli:
         code, out = await run("ops", "pending", "--state-dir", str(store_dir), "--province", home)
         assert code == 0
         assert "nothing pending" in out
+
+
+def test_the_newest_reports_are_ordered_by_time_across_topics() -> None:
+    """Records of several error topics arrive interleaved: the newest list is by the time of
+    each report, newest first, and a report read twice (two topics) counts once."""
+    from bus.ops import ErrorEvent
+
+    base = samples.error_report()
+    events = []
+    for i, at_s in enumerate((30, 10, 50, 20, 40)):
+        rep = base.model_copy(
+            update={
+                "error_id": f"E-{i}",
+                "occurred_at": dt.datetime.fromtimestamp(1_700_000_000 + at_s, dt.UTC),
+            }
+        )
+        events.append(
+            ErrorEvent(
+                topic=f"xsettle.error.{'460000' if i % 2 else '130000'}", partition=0,
+                offset=i, timestamp_ms=0, correlation_id=None, source="460000", report=rep,
+                decode_error=None,
+            )
+        )  # fmt: skip
+    agg = ErrorAggregate(newest_n=4)
+    for event in [*events, events[2]]:
+        agg.add(event)
+    assert agg.total == 5
+    newest = [e["error_id"] for e in agg.to_json()["newest"]]
+    assert newest == ["E-2", "E-4", "E-0", "E-3"]  # 50, 40, 30, 20 s; the oldest (10) dropped
