@@ -34,9 +34,13 @@ typecheck: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/xsettle schemas check
 
+# Three workers, a test file each at a time (a module shares one broker): most of a test's time
+# is waiting on the broker, so the 2 cores overlap three files' waits.
+PYTEST_WORKERS ?= 3
+
 pytest: $(STAMP)
 	sh scripts/install-browser.sh
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(STAMP)  # xsettle bench: a table and reports/bench.json
 	$(BIN)/xsettle bench $(ARGS)
