@@ -16,6 +16,10 @@ role shows ID numbers and names unmasked. Person ids travel in request bodies, n
 
 Queries that name a province or region the directory lacks are 404; a person with nothing
 known here is 404.
+
+Beside them, ``GET /asyncapi.json`` serves the wire contract as an AsyncAPI 3.0.0 document
+(:mod:`schemas.asyncapi`, the same as ``docs/asyncapi.json``), for the tools of a province
+that joins the bus.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Annotated, Final, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from adapters.backoffice import HostClaim, PersonReview
@@ -48,6 +53,7 @@ from bus.models import (
     VisitType,
     yuan,
 )
+from schemas.asyncapi import document_json
 
 router = APIRouter(
     prefix="/v1/public",
@@ -563,3 +569,25 @@ async def regions(
             for a in found
         ]
     )
+
+
+# --- the wire contract -------------------------------------------------------------------------
+contract_router = APIRouter(
+    tags=["public queries"],
+    responses={k: v for k, v in PROBLEM_RESPONSES.items() if k == 401},
+)
+
+
+@contract_router.get(
+    "/asyncapi.json", response_class=JSONResponse, summary="The wire contract (AsyncAPI 3.0.0)"
+)
+async def asyncapi(_: Caller = Depends(caller)) -> Response:
+    """The wire contract as an AsyncAPI 3.0.0 document: the topics, headers, record key and
+    Avro schemas a province system needs to join the bus (``xsettle schemas asyncapi``)."""
+    return Response(content=document_json(), media_type="application/json")
+
+
+def setup(app: FastAPI, ctx: GatewayContext) -> None:
+    """Serve ``/asyncapi.json`` at the root, outside the ``/v1/public`` prefix, where tools
+    look for it."""
+    app.include_router(contract_router)
