@@ -1,14 +1,21 @@
 """Prometheus text exposition of the nodes' :class:`bus.metrics.Metrics`, over HTTP.
 
 A custom collector reads every node's snapshot on each scrape (nothing is copied in between),
-so the numbers are the ones ``Metrics`` holds. Every series carries a ``province`` label.
-Consumer lag is read from :meth:`Node.lag` in the nodes' event loop when the scrape runs in
-another thread (the HTTP server's), with a short timeout; otherwise it is left out.
+so the numbers are the ones ``Metrics`` holds. Every series carries a ``province`` label (the
+node's own); what concerns another province carries it too, as ``counterparty`` (the province
+asked, or that sent) or ``responsible`` (the province that must act): province codes only, so
+the series stay few. Consumer lag is read from :meth:`Node.lag` in the nodes' event loop when
+the scrape runs in another thread (the HTTP server's), with a short timeout; otherwise it is
+left out. Each registry also serves ``xsettle_build_info`` and the process's own metrics
+(``process_resident_memory_bytes``, ``process_cpu_seconds_total``, ``process_open_fds``,
+``process_start_time_seconds``, ``python_info``) from prometheus_client's collectors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import platform
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,33 +45,114 @@ log = structlog.get_logger(__name__)
 LAG_TIMEOUT_S = 2.0
 """Longest a scrape waits for one node's consumer lag."""
 
-COUNTERS: dict[str, tuple[str, str]] = {
-    "xsettle_messages_in_total": ("family", "Messages decoded from the inbox, by family."),
-    "xsettle_messages_out_total": ("family", "Records produced, by topic family."),
-    "xsettle_answers_total": ("outcome", "Answers to this node's requests, by outcome."),
-    "xsettle_errors_total": ("code", "ErrorReports this node sent, by code."),
-    "xsettle_dead_letters_total": ("kind", "Records dead-lettered, by decode error kind."),
-    "xsettle_duplicates_total": ("family", "Messages received again and not handled twice."),
-    "xsettle_worker_crashes_total": ("task", "Workers that died of an unexpected error."),
+CONTRACT_VERSION = "1.3"
+"""The wire contract this code speaks (docs/contract.md, the newest folder of
+schemas/history/), served as a label of ``xsettle_build_info``."""
+
+
+def _version() -> str:
+    """The installed distribution's version (``0+unknown`` when not installed)."""
+    try:
+        return importlib.metadata.version("xsettle")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+BUILD: tuple[str, str, str] = (_version(), CONTRACT_VERSION, platform.python_version())
+"""The labels of ``xsettle_build_info``: version, contract, python."""
+
+COUNTERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "xsettle_messages_in_total": (
+        ("family", "counterparty"),
+        "Messages decoded from the inbox, by family and the province that sent them.",
+    ),
+    "xsettle_messages_out_total": (
+        ("family", "counterparty"),
+        "Records the broker acknowledged, by topic family and the province whose topic.",
+    ),
+    "xsettle_requests_sent_total": (
+        ("family", "counterparty"),
+        "Requests this node sent (re-sends not counted), by family and the province asked.",
+    ),
+    "xsettle_answers_total": (
+        ("outcome", "counterparty"),
+        "Answers to this node's requests, by outcome (deadline: none in time) and the "
+        "province asked.",
+    ),
+    "xsettle_acknowledgements_total": (
+        ("outcome", "counterparty"),
+        "Acknowledgements of this node's requests, by outcome and the province asked.",
+    ),
+    "xsettle_resends_total": (
+        ("counterparty",),
+        "Requests sent again (an operator's or the unacknowledged re-send), by province asked.",
+    ),
+    "xsettle_unacknowledged_resends_total": (
+        ("counterparty",),
+        "Requests sent again because the province asked neither answered nor acknowledged.",
+    ),
+    "xsettle_deadline_failures_total": (
+        ("counterparty",),
+        "Requests past their deadline whose DEADLINE_EXCEEDED step failed (tried again).",
+    ),
+    "xsettle_errors_total": (
+        ("code", "responsible"),
+        "ErrorReport records this node sent, by code and the province that must act.",
+    ),
+    "xsettle_error_reports_total": (
+        ("code", "responsible"),
+        "ErrorReports this node received, by code and the province that must act.",
+    ),
+    "xsettle_dead_letters_total": (
+        ("kind", "responsible"),
+        "Records dead-lettered, by decode error kind and the province that must act (the "
+        "sender; this province when the sender is unknown).",
+    ),
+    "xsettle_duplicates_total": (
+        ("family",),
+        "Messages received again and not handled twice.",
+    ),
+    "xsettle_worker_crashes_total": (("task",), "Workers that died of an unexpected error."),
 }
-"""Exported counters: name → (its one label besides ``province``, help text)."""
+"""Exported counters: name → (their labels besides ``province``, help text)."""
 
 GAUGES: dict[str, str] = {
     "xsettle_pending_requests": "Requests sent and still waiting for an answer.",
     "xsettle_outbox_records": "Records committed and not yet acknowledged by the broker.",
+    "xsettle_outbox_oldest_age_seconds": (
+        "Seconds the oldest record this process dispatched has waited for the broker (0: none)."
+    ),
     "xsettle_stalled_partitions": "Inbox partitions whose record in hand is over 60 s old.",
+    "xsettle_open_obligations": "Requests this node deferred and owes an answer to.",
     "xsettle_claims_overdue": "The host's claims past their deadline with no answer.",
 }
 """Exported gauges (label ``province``): name → help text. A node that does not register
 one (``xsettle_claims_overdue`` comes from the host role) has no series of it."""
 
-HISTOGRAMS: dict[str, tuple[str, str]] = {
-    "xsettle_answer_latency_seconds": (
-        "family",
-        "Time from first send of a request to its terminal answer.",
+GAUGES_BY: dict[str, tuple[str, str]] = {
+    "xsettle_pending_requests_by_counterparty": (
+        "counterparty",
+        "Requests still waiting for an answer, by the province asked.",
+    ),
+    "xsettle_overdue_requests": (
+        "counterparty",
+        "Requests past their deadline not yet answered nor expired, by the province asked.",
+    ),
+    "xsettle_oldest_pending_request_age_seconds": (
+        "counterparty",
+        "Seconds since the first send of the oldest request still waiting, by province asked.",
     ),
 }
-"""Exported histograms: name → (label besides ``province``, help text)."""
+"""Exported labelled gauges: name → (their label besides ``province``, help text). A
+counterparty with nothing waiting has no series."""
+
+HISTOGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "xsettle_answer_latency_seconds": (
+        ("family", "counterparty"),
+        "Time from first send of a request to its terminal answer, by the province asked.",
+    ),
+}
+"""Exported histograms: name → (their labels besides ``province``, help text)."""
 
 
 class MetricsSource(Protocol):
@@ -74,6 +167,7 @@ class _Snap:
     counters: list[tuple[str, dict[str, str], int]]
     gauges: dict[str, float]
     histograms: list[tuple[str, dict[str, str], list[int], float, int]]
+    gauges_by: dict[str, dict[str, float]]
 
 
 def _snapshot(metrics: Metrics) -> _Snap:
@@ -91,10 +185,16 @@ def _snapshot(metrics: Metrics) -> _Snap:
                     gauges[name] = float(read())
                 except Exception as exc:  # a gauge must never break a scrape
                     log.warning("gauge_failed", gauge=name, error=repr(exc))
-            return _Snap(counters, gauges, hists)
+            by: dict[str, dict[str, float]] = {}
+            for name, (_label, read_by) in list(metrics.gauges_by.items()):
+                try:
+                    by[name] = {value: float(v) for value, v in read_by().items()}
+                except Exception as exc:  # a gauge must never break a scrape
+                    log.warning("gauge_failed", gauge=name, error=repr(exc))
+            return _Snap(counters, gauges, hists, by)
         except RuntimeError:  # dictionary changed size during iteration
             continue
-    return _Snap([], {}, [])
+    return _Snap([], {}, [], {})
 
 
 def cumulative(counts: Sequence[int]) -> list[tuple[str, float]]:
@@ -141,17 +241,26 @@ class NodeCollector:
     def collect(self) -> Iterator[Metric]:
         """One scrape: every metric family, every node."""
         counters = {
-            name: CounterMetricFamily(name, text, labels=["province", label])
-            for name, (label, text) in COUNTERS.items()
+            name: CounterMetricFamily(name, text, labels=["province", *labels])
+            for name, (labels, text) in COUNTERS.items()
         }
         hists = {
-            name: HistogramMetricFamily(name, text, labels=["province", label])
-            for name, (label, text) in HISTOGRAMS.items()
+            name: HistogramMetricFamily(name, text, labels=["province", *labels])
+            for name, (labels, text) in HISTOGRAMS.items()
         }
         gauges = {
             name: GaugeMetricFamily(name, text, labels=["province"])
             for name, text in GAUGES.items()
         }
+        gauges_by = {
+            name: GaugeMetricFamily(name, text, labels=["province", label])
+            for name, (label, text) in GAUGES_BY.items()
+        }
+        build = GaugeMetricFamily(
+            "xsettle_build_info",
+            "Always 1: the xsettle version, the wire contract and the Python a node runs.",
+            labels=["province", "version", "contract", "python"],
+        )
         lag_family = GaugeMetricFamily(
             "xsettle_consumer_lag",
             "Inbox records not yet read, per topic partition.",
@@ -159,24 +268,29 @@ class NodeCollector:
         )
         for node in self._nodes:
             snap = _snapshot(node.metrics)
-            for name, labels, value in snap.counters:
+            build.add_metric([node.province, *BUILD], 1.0)
+            for name, labels, count in snap.counters:
                 if name in counters:
-                    label = COUNTERS[name][0]
-                    counters[name].add_metric([node.province, labels.get(label, "")], value)
+                    values = [labels.get(label, "") for label in COUNTERS[name][0]]
+                    counters[name].add_metric([node.province, *values], count)
             for name, labels, counts, total, _n in snap.histograms:
                 if name in hists:
-                    label = HISTOGRAMS[name][0]
-                    hists[name].add_metric(
-                        [node.province, labels.get(label, "")], cumulative(counts), total
-                    )
+                    values = [labels.get(label, "") for label in HISTOGRAMS[name][0]]
+                    hists[name].add_metric([node.province, *values], cumulative(counts), total)
             for name, reading in snap.gauges.items():
                 if name in gauges:
                     gauges[name].add_metric([node.province], reading)
+            for name, readings in snap.gauges_by.items():
+                if name in gauges_by:
+                    for label_value, reading in sorted(readings.items()):
+                        gauges_by[name].add_metric([node.province, label_value], reading)
             lags = self._lag(node)
             for part, value in sorted((lags or {}).items(), key=lambda x: str(x[0])):
                 lag_family.add_metric([node.province, part.topic, str(part.partition)], value)
+        yield build
         yield from counters.values()
         yield from gauges.values()
+        yield from gauges_by.values()
         yield from hists.values()
         yield lag_family
 
@@ -184,10 +298,13 @@ class NodeCollector:
 def registry_for(
     nodes: Iterable[MetricsSource], loop: asyncio.AbstractEventLoop | None = None
 ) -> tuple[CollectorRegistry, NodeCollector]:
-    """A fresh registry (not the global default) holding a collector of ``nodes``."""
+    """A fresh registry (not the global default) holding a collector of ``nodes`` and of
+    this process (memory, CPU, open files, start time; the Python)."""
     registry = CollectorRegistry(auto_describe=False)
     collector = NodeCollector(nodes, loop)
     registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return registry, collector
 
 

@@ -39,7 +39,8 @@ from bus.envelope import (
     text_headers,
 )
 from bus.errors import BusError, DecodeError, Rejection
-from bus.models import ErrorCode, Message, RequestAcknowledgement, Severity
+from bus.metrics import province_label
+from bus.models import ErrorCode, ErrorReport, Message, RequestAcknowledgement, Severity
 from bus.node_core import RECORD_OUTPUTS, as_stored, report
 from bus.obligations import Deferred, Obligations
 from bus.outbox import family_of_topic, resent
@@ -171,7 +172,12 @@ class Inbound(Requests, Obligations):
             check(env, message, rec.topic)
         except DecodeError as exc:
             return exc
-        self.metrics.inc("xsettle_messages_in_total", family=FAMILY_OF[type(message)])
+        family = FAMILY_OF[type(message)]
+        self.metrics.inc("xsettle_messages_in_total", family=family, counterparty=env.source)
+        if isinstance(message, ErrorReport):  # by its code and the province that must act
+            responsible = province_label(message.responsible)
+            code = message.code.value
+            self.metrics.inc("xsettle_error_reports_total", code=code, responsible=responsible)
         return verified, env, message
 
     async def _process_record(
@@ -366,7 +372,6 @@ class Inbound(Requests, Obligations):
     async def _dead_letter(self, rec: Record, exc: DecodeError) -> None:
         """Copy the record to our DLQ (or its coordinates and digest when it cannot be
         copied); tell the sender when we know who it is."""
-        self.metrics.inc("xsettle_dead_letters_total", kind=exc.kind)
         letter = dead_letter(
             rec, kind=exc.kind, error=str(exc), group=self.group, province=self.province
         )
@@ -390,6 +395,8 @@ class Inbound(Requests, Obligations):
         to: list[str] = []
         if sender is not None and not self._on_bus(sender):
             sender = None
+        responsible = sender or self.province
+        self.metrics.inc("xsettle_dead_letters_total", kind=exc.kind, responsible=responsible)
         if sender is not None and family_of_topic(rec.topic) != FAMILY_ERROR:
             to.append(sender)
         if isinstance(exc, SignatureError) or (sender is not None and not to):
@@ -405,7 +412,7 @@ class Inbound(Requests, Obligations):
                     f"{rec.topic}@{rec.partition}:{rec.offset} cannot be read: {exc}",
                     detected_by=self.province,
                     origin=sender or "unknown",
-                    responsible=sender or self.province,
+                    responsible=responsible,
                     ref=ref,
                     record=rec,
                     details={"kind": exc.kind, "dlq_topic": letter.topic},

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,7 +43,7 @@ from bus.envelope import (
     text_headers,
 )
 from bus.errors import DecodeError, RoutingError, StoreError
-from bus.metrics import Metrics
+from bus.metrics import Metrics, province_label
 from bus.models import ErrorCode, ErrorReport, Message, Severity, now
 from bus.outbox import Relay
 from bus.settings import BusSettings
@@ -59,6 +61,10 @@ RECORD_OUTPUTS: contextvars.ContextVar[list[asyncio.Future[None]] | None] = cont
     "xsettle_outputs", default=None
 )
 """Acknowledgements of the records sent while one record is processed; its offset waits."""
+
+PENDING_STATS_TTL_S = 1.0
+"""How long one read of the pending requests by counterparty serves the three gauges made of
+it (one query per scrape, not three)."""
 
 
 def report(
@@ -149,6 +155,38 @@ class NodeCore:
         )
         self._running = False
         self._log = log.bind(province=province)
+        self._pending_stats: tuple[float, dict[str, tuple[int, int, int]]] = (-1e9, {})
+        self._pending_stats_lock = threading.Lock()
+        self.metrics.gauge("xsettle_outbox_oldest_age_seconds", self._relay.oldest_age_s)
+        self.metrics.gauge_by(
+            "xsettle_pending_requests_by_counterparty",
+            "counterparty",
+            lambda: {to: n for to, (n, _, _) in self._pending_by_counterparty().items()},
+        )
+        self.metrics.gauge_by(
+            "xsettle_overdue_requests",
+            "counterparty",
+            lambda: {to: late for to, (_, late, _) in self._pending_by_counterparty().items()},
+        )
+        self.metrics.gauge_by(
+            "xsettle_oldest_pending_request_age_seconds",
+            "counterparty",
+            lambda: {
+                to: max(0.0, (now_ms() - first) / 1000)
+                for to, (_, _, first) in self._pending_by_counterparty().items()
+            },
+        )
+
+    def _pending_by_counterparty(self) -> dict[str, tuple[int, int, int]]:
+        """Requests waiting, by the province asked: (how many, past their deadline, first
+        send of the oldest in ms); read from the store at most every
+        :data:`PENDING_STATS_TTL_S` (the gauges are read from the exporter's thread)."""
+        with self._pending_stats_lock:
+            at, stats = self._pending_stats
+            if time.monotonic() - at > PENDING_STATS_TTL_S:
+                stats = self.store.pending_by_target(now_ms())
+                self._pending_stats = (time.monotonic(), stats)
+            return stats
 
     @asynccontextmanager
     async def step(self) -> AsyncIterator[Step]:
@@ -282,7 +320,8 @@ class NodeCore:
         self, rep: ErrorReport, to: str, key: bytes | None, correlation_id: str | None
     ) -> OutRecord:
         env = self._envelope(rep, to, correlation_id=correlation_id)
-        self.metrics.inc("xsettle_errors_total", code=rep.code.value)
+        responsible = province_label(rep.responsible)
+        self.metrics.inc("xsettle_errors_total", code=rep.code.value, responsible=responsible)
         self._log.info(
             "error_reported",
             code=rep.code.value,

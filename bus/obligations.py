@@ -64,7 +64,8 @@ class Obligations(NodeCore):
                 note=deferred.note,
             )
         )
-        self.metrics.inc("xsettle_answers_deferred_total", family=family_of_topic(rec.topic))
+        family = family_of_topic(rec.topic)
+        self.metrics.inc("xsettle_answers_deferred_total", family=family, counterparty=env.source)
         self._log.info(
             "answer_deferred", message_id=env.message_id, source=env.source, note=deferred.note
         )
@@ -124,7 +125,7 @@ class Obligations(NodeCore):
             acknowledged_at=now(),
         )
         ack_env = self._envelope(ack, env.source, correlation_id=env.message_id)
-        self.metrics.inc("xsettle_acknowledgements_sent_total")
+        self.metrics.inc("xsettle_acknowledgements_sent_total", counterparty=env.source)
         return self._out(ack, ack_env, rec.key, topic(FAMILY_REPLY, env.source))
 
     def _rejected(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -50,6 +52,14 @@ def family_of_topic(name: str) -> str:
     """The contract family of a topic name (``?`` for a topic outside the contract)."""
     parsed = TOPIC_RE.match(name)
     return parsed.group(1) if parsed else "?"
+
+
+@functools.lru_cache(maxsize=1024)
+def route_of_topic(name: str) -> tuple[str, str]:
+    """(family, province) of a topic name, ``("?", "?")`` outside the contract: the labels
+    of a record sent there. Cached: a node sends to a few dozen topics."""
+    parsed = TOPIC_RE.match(name)
+    return (parsed.group(1), parsed.group(2)) if parsed else ("?", "?")
 
 
 def resent(record: OutRecord) -> OutRecord:
@@ -103,7 +113,9 @@ class Relay:
         self._metrics = metrics
         self._log = log.bind(province=province)
         self._acked: list[int] = []
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._inflight: dict[int, tuple[asyncio.Future[None], float]] = {}
+        """Rows handed over and not yet acknowledged: their future and when (monotonic) they
+        were dispatched, in dispatch order."""
         self._queue: deque[tuple[int, OutRecord, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -116,6 +128,18 @@ class Relay:
     def in_flight(self) -> int:
         """Rows handed to the producer and not yet acknowledged."""
         return len(self._inflight)
+
+    def oldest_age_s(self) -> float:
+        """Seconds since the oldest row not yet acknowledged was dispatched (0: none): rows
+        the broker does not take (down, refusing) make it grow. Read from another thread by
+        the exporter, hence the retry when the loop changes the dict meanwhile."""
+        for _ in range(5):
+            try:
+                first = next(iter(self._inflight.values()), None)
+            except RuntimeError:  # dictionary changed size during iteration
+                continue
+            return 0.0 if first is None else max(0.0, time.monotonic() - first[1])
+        return 0.0
 
     async def start(self) -> int:
         """Send again what a crash left in the outbox; start removing acknowledged rows.
@@ -175,7 +199,7 @@ class Relay:
         """Wait (bounded) for rows in flight, remove the acknowledged ones. Idempotent."""
         if not self._running:
             return
-        pending = [f for f in self._inflight.values() if not f.done()]
+        pending = [f for f, _ in self._inflight.values() if not f.done()]
         if pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
@@ -197,7 +221,7 @@ class Relay:
         for task in [*self._tasks, self._sender, self._flusher, self._adopter]:
             if task is not None:
                 task.cancel()
-        for fut in self._inflight.values():
+        for fut, _ in self._inflight.values():
             fut.cancel()
         self._inflight.clear()
         self._queue.clear()
@@ -208,10 +232,11 @@ class Relay:
         """Queue committed rows for sending, in commit order (so records about one key keep
         their order); each future resolves when the broker acknowledged its row."""
         loop = asyncio.get_running_loop()
+        at = time.monotonic()
         out = []
         for row_id, record in rows:
             done: asyncio.Future[None] = loop.create_future()
-            self._inflight[row_id] = done
+            self._inflight[row_id] = (done, at)
             self._queue.append((row_id, record, done))
             out.append(done)
         if rows:
@@ -252,7 +277,8 @@ class Relay:
         if fut.cancelled() or exc is not None:
             self._retry_later(row_id, record, done, delay, exc)
             return
-        self._metrics.inc("xsettle_messages_out_total", family=family_of_topic(record.topic))
+        family, to = route_of_topic(record.topic)
+        self._metrics.inc("xsettle_messages_out_total", family=family, counterparty=to)
         self._acked.append(row_id)
         if self._describe is not None:
             entry = self._describe(wire)

@@ -151,6 +151,7 @@ class Requests(NodeCore):
         async with self.step() as st:
             self.store.add_pending(pending)
             self._emit(pending.record)
+            st.on_commit.append(lambda: self._count_sent(pending))
         if not joined:
             await self.delivered(st)
         self._log.debug(
@@ -167,12 +168,18 @@ class Requests(NodeCore):
         waiter: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiters[pending.message_id] = waiter
         try:
-            async with self.step():
+            async with self.step() as st:
                 self.store.add_pending(pending)
                 self._emit(pending.record)
+                st.on_commit.append(lambda: self._count_sent(pending))
             return await self._await_answer(pending, waiter, deadline_s + 30.0)
         finally:
             self._waiters.pop(pending.message_id, None)
+
+    def _count_sent(self, pending: PendingRequest) -> None:
+        """Count a request sent, once the step that wrote it committed."""
+        family = FAMILY_OF_NAME.get(pending.message_type, "?")
+        self.metrics.inc("xsettle_requests_sent_total", family=family, counterparty=pending.target)
 
     async def _await_answer(
         self, pending: PendingRequest, waiter: asyncio.Future[Answer], timeout_s: float
@@ -223,7 +230,7 @@ class Requests(NodeCore):
             )
             self.store.bump_attempt(request_id, record, now_ms())
             self._emit(record)
-        self.metrics.inc("xsettle_resends_total")
+        self.metrics.inc("xsettle_resends_total", counterparty=pending.target)
         self._log.info("request_resent", message_id=request_id, attempt=env.attempt)
         return True
 
@@ -284,7 +291,7 @@ class Requests(NodeCore):
         pending = self.store.get_pending(env.correlation_id)
         if pending is None:
             bound.warning("orphan_reply")
-            self.metrics.inc("xsettle_answers_total", outcome="orphan")
+            self.metrics.inc("xsettle_answers_total", outcome="orphan", counterparty=env.source)
             rep = report(
                 ErrorCode.ORPHAN_REPLY,
                 f"{env.message_type} answers {env.correlation_id}, which {self.province} "
@@ -302,7 +309,7 @@ class Requests(NodeCore):
         why = self._mismatch(pending, env, message)
         if why is not None:
             bound.warning("answer_refused", reason=why, request_target=pending.target)
-            self.metrics.inc("xsettle_answers_total", outcome="refused")
+            self.metrics.inc("xsettle_answers_total", outcome="refused", counterparty=env.source)
             rep = report(
                 ErrorCode.INVALID_MESSAGE,
                 why,
@@ -326,17 +333,18 @@ class Requests(NodeCore):
             answer_type=env.message_type,
             delivered=True,
         )
+        to = pending.target
         if before == PENDING:
             outcome = "error" if isinstance(message, ErrorReport) else "ok"
-            self.metrics.inc("xsettle_answers_total", outcome=outcome)
+            self.metrics.inc("xsettle_answers_total", outcome=outcome, counterparty=to)
             await self._deliver(pending, message)
         elif before == EXPIRED:
             bound.info("late_answer")
-            self.metrics.inc("xsettle_answers_total", outcome="late")
+            self.metrics.inc("xsettle_answers_total", outcome="late", counterparty=to)
             await self._deliver(pending, message, late=True)
         else:
             bound.info("duplicate_answer_ignored", state=before)
-            self.metrics.inc("xsettle_answers_total", outcome="duplicate")
+            self.metrics.inc("xsettle_answers_total", outcome="duplicate", counterparty=to)
 
     async def _on_ack(self, rec: Record, env: Envelope, message: RequestAcknowledgement) -> None:
         """An acknowledgement of one of our requests: stored (the request is not re-sent any
@@ -352,7 +360,9 @@ class Requests(NodeCore):
         )
         if why is not None:
             self._log.warning("acknowledgement_refused", message_id=env.message_id, reason=why)
-            self.metrics.inc("xsettle_acknowledgements_total", outcome="refused")
+            self.metrics.inc(
+                "xsettle_acknowledgements_total", outcome="refused", counterparty=env.source
+            )
             code = ErrorCode.ORPHAN_REPLY if pending is None else ErrorCode.INVALID_MESSAGE
             rep = report(
                 code, why, detected_by=self.province, origin=env.source,
@@ -366,7 +376,7 @@ class Requests(NodeCore):
         self.store.record_ack(
             pending.message_id, now_ms(), message.state.value, expected, message.note
         )
-        self.metrics.inc("xsettle_acknowledgements_total", outcome="ok")
+        self.metrics.inc("xsettle_acknowledgements_total", outcome="ok", counterparty=env.source)
         self._log.info(
             "request_acknowledged", request_id=pending.message_id, by=env.source,
             state=message.state.value, expected_by_ms=expected, state_before=pending.state,
@@ -402,7 +412,9 @@ class Requests(NodeCore):
         )
         if not late:
             family = FAMILY_OF_NAME.get(pending.message_type, "?")
-            self.metrics.observe("xsettle_answer_latency_seconds", latency, family=family)
+            self.metrics.observe(
+                "xsettle_answer_latency_seconds", latency, family=family, counterparty=answer.target
+            )
         callback = self._answer_callbacks.get(pending.message_type)
         if callback is not None:
             await callback(answer)
@@ -428,7 +440,7 @@ class Requests(NodeCore):
                         await self._expire(pending)
                         expired += 1
             except Exception as exc:
-                self.metrics.inc("xsettle_deadline_failures_total")
+                self.metrics.inc("xsettle_deadline_failures_total", counterparty=pending.target)
                 self._log.error(
                     "deadline_step_failed", message_id=pending.message_id, error=repr(exc)[:300]
                 )
@@ -449,7 +461,9 @@ class Requests(NodeCore):
             try:
                 if await self.resend(pending.message_id, unless_sent_since_ms=now - window):
                     count += 1
-                    self.metrics.inc("xsettle_unacknowledged_resends_total")
+                    self.metrics.inc(
+                        "xsettle_unacknowledged_resends_total", counterparty=pending.target
+                    )
                     self._log.warning(
                         "request_unacknowledged", message_id=pending.message_id,
                         target=pending.target, attempt=pending.attempt + 1,
@@ -468,7 +482,7 @@ class Requests(NodeCore):
         for to in (pending.target, self.province):
             self._emit(self._report_out(rep, to, key, env.message_id))
         await self._deliver(pending, rep)
-        self.metrics.inc("xsettle_answers_total", outcome="deadline")
+        self.metrics.inc("xsettle_answers_total", outcome="deadline", counterparty=pending.target)
 
     def _deadline_report(self, pending: PendingRequest) -> ErrorReport:
         """The DEADLINE_EXCEEDED report of a request nobody answered in time."""

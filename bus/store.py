@@ -225,6 +225,10 @@ class Store(Protocol):
     def count(self, state: str = PENDING) -> int:
         """How many requests are in ``state``."""
 
+    def pending_by_target(self, now_ms: int) -> dict[str, tuple[int, int, int]]:
+        """Requests still waiting, by the province asked: (how many, how many past their
+        deadline at ``now_ms``, first send of the oldest in ms). One query, for the metrics."""
+
     def processed(self, message_id: str) -> Processed | None:
         """How a received message was handled, or None if it never was."""
 
@@ -623,6 +627,14 @@ class SqlStore:
     def count(self, state: str = PENDING) -> int:
         rows = self._query("SELECT count(*) FROM pending WHERE state = ?", (state,))
         return int(rows[0][0])
+
+    def pending_by_target(self, now_ms: int) -> dict[str, tuple[int, int, int]]:
+        rows = self._query(
+            "SELECT target, count(*), sum(CASE WHEN deadline_ms <= ? THEN 1 ELSE 0 END), "
+            "min(sent_at_ms) FROM pending WHERE state = ? GROUP BY target",
+            (now_ms, PENDING),
+        )
+        return {str(t): (int(n), int(late), int(oldest)) for t, n, late, oldest in rows}
 
     # --- processed messages -----------------------------------------------------------------
     def processed(self, message_id: str) -> Processed | None:

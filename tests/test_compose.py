@@ -13,11 +13,14 @@ import threading
 import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from tests.conftest import NodeFactory, ProvincePool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -1442,8 +1445,10 @@ ALERT_GROUPS = {
         "XsettleStalledPartition",
         "XsettleWorkerCrashed",
         "XsettleDeadLetters",
+        "XsettleOutboxNotDraining",
         "XsettleConsumerLagHigh",
     },
+    "xsettle-counterparties": {"XsettleProvinceNotAnswering", "XsettleRequestsOverdue"},
     "xsettle-claims": {"XsettleClaimsOverdue"},
 }
 # What the dashboard must show, by the metric each panel reads.
@@ -1457,18 +1462,48 @@ DASHBOARD_METRICS = {
     "xsettle_claims_overdue",
     "xsettle_consumer_lag",
     "xsettle_stalled_partitions",
+    "xsettle_answer_latency_seconds",
+    "xsettle_requests_sent_total",
+    "xsettle_unacknowledged_resends_total",
+    "xsettle_overdue_requests",
+    "xsettle_oldest_pending_request_age_seconds",
+    "xsettle_pending_requests_by_counterparty",
+    "xsettle_outbox_oldest_age_seconds",
+    "xsettle_outbox_records",
+    "xsettle_open_obligations",
+    "xsettle_error_reports_total",
+    "xsettle_build_info",
 }
+# Labels whose values are province codes (never person, claim or message ids): every value
+# served must be one, so a province's series stay as few as the provinces it deals with.
+PROVINCE_LABELS = ("province", "counterparty", "responsible")
+# The process's own metrics (prometheus_client's collectors) the dashboard reads.
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total"}
 # Used by alerts.yml and the dashboard and kept by the nodes, but not among what
 # bus/exporter.py serves at GET /metrics (its COUNTERS, HISTOGRAMS, the pending-requests gauge
 # and the consumer lag), so Prometheus never sees them: the alerts on them cannot fire
 # (XsettleAlertInputsMissing says so) and their panels stay empty. Take a name out of here
 # when the exporter serves it.
 NOT_SERVED_YET: frozenset[str] = frozenset()
+# Read by alerts.yml or the dashboard, served, but with no sample until something goes wrong
+# (or, for the overdue claims, without the host role a bare node lacks): the real nodes of
+# test_real_nodes_serve_what_alerts_and_dashboard_read have none of them.
+EVENT_ONLY = frozenset(
+    {
+        "xsettle_worker_crashes_total",
+        "xsettle_deadline_failures_total",
+        "xsettle_unacknowledged_resends_total",
+        "xsettle_claims_overdue",
+    }
+)
 # Labels every scraped series has besides its own: Prometheus adds instance and job.
 SCRAPE_LABELS = frozenset({"instance", "job"})
 _METRIC = re.compile(r"\bxsettle_[a-z0-9_]+")
+_PROCESS_METRIC = re.compile(r"\b(?:process|python)_[a-z0-9_]+")
 # A metric the code keeps: its call, its name and the rest of that line (its labels).
 _DEFINED = re.compile(r"\.(inc|gauge|observe)\(\s*\"(xsettle_[a-z0-9_]+)\"([^\n]*)")
+# A labelled gauge the code keeps: its name and its label.
+_DEFINED_BY = re.compile(r"\.gauge_by\(\s*\"(xsettle_[a-z0-9_]+)\",\s*\"(\w+)\"")
 # A family the exporter makes itself: its kind, its name and its labels.
 _FAMILY = re.compile(
     r"\b(Counter|Gauge|Histogram)MetricFamily\(\s*\"(xsettle_[a-z0-9_]+)\",[^)]*?labels=\[([^]]*)\]"
@@ -1531,9 +1566,9 @@ def _dashboard_exprs() -> list[str]:
 
 def _code_metrics() -> dict[str, tuple[str, set[str]]]:
     """Metric name -> (counter, gauge or histogram; label names) as the code of bus/ and
-    adapters/ keeps them: every ``metrics.inc/gauge/observe("xsettle_...", label=...)``, and
-    the families the exporter makes itself (``GaugeMetricFamily("xsettle_...", labels=...)``,
-    the consumer lag)."""
+    adapters/ keeps them: every ``metrics.inc/gauge/observe("xsettle_...", label=...)``, every
+    ``metrics.gauge_by("xsettle_...", "label", ...)``, and the families the exporter makes
+    itself (``GaugeMetricFamily("xsettle_...", labels=...)``: the consumer lag, the build)."""
     kinds = {"inc": "counter", "gauge": "gauge", "observe": "histogram"}
     kinds |= {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram"}
     found: dict[str, tuple[str, set[str]]] = {}
@@ -1544,6 +1579,7 @@ def _code_metrics() -> dict[str, tuple[str, set[str]]]:
                 (call, name, re.findall(r"\b([a-z_]+)=(?!=)", args))
                 for call, name, args in _DEFINED.findall(text)
             ]
+            calls += [("gauge", name, [label]) for name, label in _DEFINED_BY.findall(text)]
             calls += [
                 (call, name, re.findall(r"\"(\w+)\"", labels))
                 for call, name, labels in _FAMILY.findall(text)
@@ -1569,7 +1605,7 @@ def _served() -> dict[str, set[str]]:
     gauge and histogram the code defines, with its consumer lag read from its event loop."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from bus.exporter import registry_for, render
+    from bus.exporter import GAUGES_BY, registry_for, render
     from bus.metrics import Metrics
     from bus.transport import Partition
 
@@ -1586,6 +1622,8 @@ def _served() -> dict[str, set[str]]:
     for name, (kind, _labels) in _code_metrics().items():
         if kind == "counter":
             node.metrics.inc(name)
+        elif name in GAUGES_BY:
+            node.metrics.gauge_by(name, GAUGES_BY[name][0], lambda: {"130000": 1.0})
         elif kind == "gauge":
             node.metrics.gauge(name, lambda: 1.0)
         else:
@@ -1720,6 +1758,11 @@ class TestMetricsServices:
             "xsettle_dead_letters_total",
             "xsettle_claims_overdue",
             "xsettle_consumer_lag",
+            "xsettle_answers_total",
+            "xsettle_unacknowledged_resends_total",
+            "xsettle_overdue_requests",
+            "xsettle_deadline_failures_total",
+            "xsettle_outbox_oldest_age_seconds",
         } <= in_alerts
 
     def test_metrics_and_labels_are_served(self) -> None:
@@ -1745,6 +1788,170 @@ class TestMetricsServices:
                     allowed.add("le")
             matched = set(re.findall(r"[{,]\s*(\w+)\s*[=!]~?", expr))
             assert matched | (_by_labels(expr) or set()) <= allowed, expr
+
+    def test_every_alert_says_what_to_do(self) -> None:
+        """Every alert's description points at where to look or what to run; the alerts about
+        another province keep its label (counterparty, responsible) and name it."""
+        for rule in _alert_rules():
+            text = rule["annotations"]["description"]
+            assert re.search(r"xsettle ops \w+|docker compose|/readyz|ops console", text), rule
+        by_name = {rule["alert"]: rule for rule in _alert_rules()}
+        for name in ("XsettleProvinceNotAnswering", "XsettleRequestsOverdue"):
+            rule = by_name[name]
+            for kept in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+                assert {x.strip() for x in kept.split(",")} == {"province", "counterparty"}
+            assert "$labels.counterparty" in rule["annotations"]["summary"], name
+        assert "$labels.responsible" in by_name["XsettleDeadLetters"]["annotations"]["summary"]
+        assert "xsettle ops dlq" in by_name["XsettleDeadLetters"]["annotations"]["description"]
+
+    def test_build_info_names_the_contract_of_the_docs(self) -> None:
+        """xsettle_build_info's contract label is the version docs/contract.md describes and
+        the newest folder of schemas/history/."""
+        from bus.exporter import BUILD, CONTRACT_VERSION
+
+        doc = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8").splitlines()[0]
+        found = re.search(r"\bv(\d+\.\d+)\b", doc)
+        assert found is not None, doc
+        assert found.group(1) == CONTRACT_VERSION
+        folders = [p.name for p in (ROOT / "schemas" / "history").iterdir() if p.is_dir()]
+        newest = max(folders, key=lambda v: tuple(int(n) for n in v.lstrip("v").split(".")))
+        assert newest == f"v{CONTRACT_VERSION}"
+        assert BUILD[1] == CONTRACT_VERSION
+        assert BUILD[2] == ".".join(str(n) for n in sys.version_info[:3])
+
+    @pytest.mark.broker
+    async def test_real_nodes_serve_what_alerts_and_dashboard_read(
+        self, make_node: NodeFactory, province_pool: ProvincePool
+    ) -> None:
+        """Two real nodes on the embedded broker (a claim answered, one expired, one waiting
+        for a province that never answers, a record dead-lettered), scraped over HTTP from
+        bus.exporter as a gateway serves it: every metric alerts.yml and the dashboard read
+        is served, with samples unless only a failure makes them (EVENT_ONLY); the labels
+        naming another province (counterparty, responsible) carry its code, and nothing
+        served names a claim or a person."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from bus.broker import create_contract_topics
+        from bus.constants import PROVINCE_RE, topic
+        from bus.envelope import Envelope, new_id, now_ms
+        from bus.exporter import CONTRACT_VERSION, start_exporter
+        from bus.models import ClaimPackage, ErrorCode, Message
+        from bus.node import Context
+        from simulators import samples
+        from tests.helpers import eventually, produce_raw
+
+        host_code, home_code, silent = (province_pool.take() for _ in range(3))
+        host = await make_node(host_code, start=False)
+        home = await make_node(home_code, start=False)
+        await create_contract_topics(host.settings, host.bootstrap, [silent])
+
+        @home.on(ClaimPackage)
+        async def review(message: Message, ctx: Context) -> Message:
+            assert isinstance(message, ClaimPackage)
+            return samples.review(message.claim_id)
+
+        await asyncio.gather(host.start(), home.start())
+        await asyncio.gather(host.wait_ready(), home.wait_ready())
+
+        def claim(to: str, claim_id: str) -> ClaimPackage:
+            return samples.claim(
+                home=to[:2] + "0100", host=host_code[:2] + "0100", claim_id=claim_id
+            )
+
+        ids = [f"C-{host_code}-{n}" for n in ("OK", "LATE", "WAITING")]
+        assert (await host.ask(claim(home_code, ids[0]), deadline_s=30)).ok
+        expired = await host.ask(claim(silent, ids[1]), deadline_s=0.3)
+        assert expired.code is ErrorCode.DEADLINE_EXCEEDED
+        await host.request(claim(silent, ids[2]), deadline_s=600)
+        junk = Envelope(
+            message_id=new_id(),
+            message_type=ClaimPackage.avro_name,
+            source=host_code,
+            target=home_code,
+            sent_at_ms=now_ms(),
+            reply_to=topic("reply", host_code),
+            deadline_ms=now_ms() + 60_000,
+        )
+        await produce_raw(
+            home.bootstrap, home.settings, topic("claim", home_code), b"\x02not avro",
+            junk.to_headers(), samples.PERSON.encode(),
+        )  # fmt: skip
+        await eventually(lambda: home.metrics.get("xsettle_dead_letters_total") == 1)
+        await eventually(lambda: host.metrics.get("xsettle_error_reports_total") >= 2)
+        server, port = start_exporter([host, home])
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=10).read().decode("utf-8")
+            )
+        finally:
+            server.shutdown()
+            server.server_close()
+
+        histograms = {n for n, (kind, _) in _code_metrics().items() if kind == "histogram"}
+        exprs = [str(r["expr"]) for r in _alert_rules()] + _dashboard_exprs()
+        used = set().union(*(_metric_names(e, histograms) for e in exprs))
+        used_process = set().union(*(_PROCESS_METRIC.findall(e) for e in exprs))
+        assert used_process >= PROCESS_METRICS
+        declared = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+        assert (used | used_process) - declared == set()
+        served: dict[str, list[dict[str, str]]] = {}
+        values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = family.name if family.type == "histogram" else sample.name
+                served.setdefault(name, []).append(sample.labels)
+                values[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        assert used - set(served) == EVENT_ONLY
+        assert used_process <= set(served)
+        for name, label_sets in served.items():
+            for labels in label_sets:
+                for label in PROVINCE_LABELS:
+                    if label in labels:
+                        assert PROVINCE_RE.match(labels[label]), (name, labels)
+        for needle in (*ids, samples.PERSON, junk.message_id):
+            assert needle not in text
+
+        def value(name: str, **labels: str) -> float:
+            return values.get((name, frozenset(labels.items())), -1.0)
+
+        to_home = {"province": host_code, "counterparty": home_code}
+        to_silent = {"province": host_code, "counterparty": silent}
+        assert value("xsettle_requests_sent_total", family="claim", **to_home) == 1
+        assert value("xsettle_requests_sent_total", family="claim", **to_silent) == 2
+        assert value("xsettle_answers_total", outcome="ok", **to_home) == 1
+        assert value("xsettle_answers_total", outcome="deadline", **to_silent) == 1
+        for who in (to_home, to_silent):
+            assert value("xsettle_answer_latency_seconds_count", family="claim", **who) == 1
+        assert value("xsettle_messages_out_total", family="claim", **to_home) == 1
+        assert value(
+            "xsettle_messages_in_total", family="claim", province=home_code, counterparty=host_code
+        ) == 1  # fmt: skip
+        assert value("xsettle_pending_requests_by_counterparty", **to_silent) == 1
+        assert value("xsettle_overdue_requests", **to_silent) == 0
+        assert 0 < value("xsettle_oldest_pending_request_age_seconds", **to_silent) < 60
+        assert value("xsettle_pending_requests_by_counterparty", **to_home) == -1  # none waits
+        [letters] = served["xsettle_dead_letters_total"]
+        assert letters["province"] == home_code
+        assert letters["responsible"] == host_code
+        assert [
+            lbl["responsible"]
+            for lbl in served["xsettle_errors_total"]
+            if lbl["province"] == home_code
+        ] == [host_code]
+        received = {
+            (lbl["code"], lbl["responsible"])
+            for lbl in served["xsettle_error_reports_total"]
+            if lbl["province"] == host_code
+        }
+        assert (ErrorCode.DEADLINE_EXCEEDED.value, silent) in received
+        assert {r for c, r in received if c != ErrorCode.DEADLINE_EXCEEDED.value} == {host_code}
+        for province in (host_code, home_code):
+            [build] = [b for b in served["xsettle_build_info"] if b["province"] == province]
+            assert build["contract"] == CONTRACT_VERSION
+            assert value("xsettle_outbox_oldest_age_seconds", province=province) >= 0
 
     def test_dashboard_is_complete(self) -> None:
         """One dashboard, read from the provisioned datasource, its queries filtered by the

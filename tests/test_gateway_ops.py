@@ -212,7 +212,8 @@ class TestAccess:
             page = await anonymous.get("/console")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
-        assert f'xsettle_dead_letters_total{{kind="bad_marker",province="{HOST}"}} 1.0' in r.text
+        letters = 'xsettle_dead_letters_total{kind="bad_marker",'
+        assert f'{letters}province="{HOST}",responsible="{HOME}"}} 1.0' in r.text
         assert f'xsettle_pending_requests{{province="{HOST}"}} 1.0' in r.text
         assert samples.PERSON not in r.text
         assert page.status_code == 200

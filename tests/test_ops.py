@@ -176,10 +176,12 @@ class TestErrorsAndMetrics:
         finally:
             server.shutdown()
             server.server_close()
-        assert f'xsettle_dead_letters_total{{kind="bad_marker",province="{home}"}} 1.0' in text
-        assert f'xsettle_errors_total{{code="INVALID_MESSAGE",province="{home}"}} 1.0' in text
-        assert f'xsettle_errors_total{{code="NOT_FILED",province="{home}"}} 1.0' in text
-        assert f'xsettle_messages_in_total{{family="claim",province="{home}"}} 1.0' in text
+        mine = f'province="{home}",responsible="{host}"}} 1.0'
+        assert f'xsettle_dead_letters_total{{kind="bad_marker",{mine}' in text
+        assert f'xsettle_errors_total{{code="INVALID_MESSAGE",{mine}' in text
+        assert f'xsettle_errors_total{{code="NOT_FILED",{mine}' in text
+        claims_in = f'counterparty="{host}",family="claim",province="{home}"'
+        assert f"xsettle_messages_in_total{{{claims_in}}} 1.0" in text
         assert f'xsettle_pending_requests{{province="{home}"}} 0.0' in text
         assert f'xsettle_consumer_lag{{partition="0",province="{home}"' in text
 
