@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -63,6 +64,52 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+class PortInUse(BrokerError):
+    """The port asked for is held by another process (perhaps another broker, which the
+    clients would otherwise talk to as if it were this one)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"port {host}:{port} is in use")
+        self.host = host
+        self.port = port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`PortInUse` when a TCP socket cannot be bound to ``host:port`` because
+    another holds it. Binding is the check (not connecting): a process that listens but does
+    not answer yet is found too. Other bind failures (a privileged port) raise their
+    ``OSError``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker will
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host, port) from None
+            raise
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (read in Linux's
+    ``/proc``); None where that cannot be told (another system, no ``/proc``)."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table, encoding="ascii") as lines:
+                next(lines)  # the header
+                for line in lines:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])  # 0A: LISTEN
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                if os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes:  # socket:[inode]
+                    return True
+    except OSError:
+        return None
+    return False
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -100,7 +147,10 @@ class EmbeddedBroker:
         if self._proc is not None:
             return
         binary = broker_binary()
-        self.port = self.port or free_port(self.host)
+        if self.port is None:
+            self.port = free_port(self.host)
+        else:
+            check_port_free(self.host, self.port)
         url = f"tcp://{self.host}:{self.port}"
         fd, name = tempfile.mkstemp(prefix="xsettle-tansu-", suffix=".log")
         self._log_path = Path(name)
@@ -129,10 +179,17 @@ class EmbeddedBroker:
         log.info("broker_spawned", pid=self._proc.pid, bootstrap=self.bootstrap)
 
     async def start(self, *, timeout_s: float = 30.0) -> EmbeddedBroker:
-        """Start the broker and wait until Kafka metadata answers."""
+        """Start the broker and wait until Kafka metadata answers. :class:`PortInUse` when
+        its port is held by another process, before starting it or (a race) once the port
+        answers and the process listening there is not the one started."""
         self.spawn()
         began = time.monotonic()
-        await self._wait_listening(timeout_s)
+        answered = await self._wait_listening(timeout_s)
+        proc, port = self._proc, self.port
+        alive = proc is not None and proc.poll() is None
+        if answered and alive and port is not None and listens(self.pid or 0, port) is False:
+            self.stop()
+            raise PortInUse(self.host, port)
         try:
             await wait_for_metadata(
                 BusSettings(idempotence=False), self.bootstrap, timeout_s=timeout_s
@@ -147,13 +204,13 @@ class EmbeddedBroker:
         log.info("broker_ready", bootstrap=self.bootstrap, seconds=elapsed)
         return self
 
-    async def _wait_listening(self, timeout_s: float) -> None:
+    async def _wait_listening(self, timeout_s: float) -> bool:
         """Wait until the port accepts TCP connections (so the Kafka client's first try
-        does not log a refused connection)."""
+        does not log a refused connection); False when it never did."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                return  # exited: start() reports it with the log
+                return False  # exited: start() reports it with the log
             try:
                 _, writer = await asyncio.open_connection(self.host, self.port)
             except OSError:
@@ -161,7 +218,8 @@ class EmbeddedBroker:
                 continue
             writer.close()
             await writer.wait_closed()
-            return
+            return True
+        return False
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the broker wrote, for error messages."""

@@ -108,7 +108,13 @@ class RepeatFilter(logging.Filter):
 
 
 class _ToStructlog(logging.Handler):
-    """Kafka client records as structlog lines (masked, timestamped like every other)."""
+    """Records of the standard library's logging (the Kafka client's, uvicorn's, asyncio's)
+    as structlog lines: masked, timestamped and rendered like every other, so ``--log-json``
+    makes them JSON too. ``event`` names the line; the record's logger is ``logger``."""
+
+    def __init__(self, level: int, event: str) -> None:
+        super().__init__(level)
+        self.event = event
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -118,17 +124,40 @@ class _ToStructlog(logging.Handler):
         held = getattr(record, "held_back", None)
         structlog.get_logger(record.name).log(
             record.levelno,
-            "kafka_client",
+            self.event,
+            logger=record.name,
             message=message[:500],
             **({"similar_held_back": held} if held else {}),
+            **({"exc_info": record.exc_info} if record.exc_info else {}),
         )
 
 
 KAFKA_CLIENT_LOGGER = "aiokafka"
+"""The Kafka client's logger: its lines are ``kafka_client`` events, one per template and
+period (:class:`RepeatFilter`)."""
+LIBRARY_EVENT = "library_log"
+"""The event of a line any other library logged through the standard library (uvicorn's
+errors, asyncio's "exception was never retrieved")."""
+
+
+def _bridge(logger: logging.Logger, handler: _ToStructlog) -> None:
+    """Put ``handler`` on ``logger`` instead of the one a previous :func:`configure` put."""
+    for old in list(logger.handlers):
+        if isinstance(old, _ToStructlog):
+            logger.removeHandler(old)
+    logger.addHandler(handler)
+
+
+def renders_json() -> bool:
+    """Whether log lines are JSON (:func:`configure` with ``json``): what else a command
+    writes on stderr (progress) is then JSON too."""
+    processors = structlog.get_config()["processors"]
+    return bool(processors) and isinstance(processors[-1], structlog.processors.JSONRenderer)
 
 
 def configure(*, json: bool = False, level: str = "INFO") -> None:
-    """Set up structlog for a process: masked, timestamped, console or JSON lines on stderr."""
+    """Set up structlog for a process: masked, timestamped, console or JSON lines on stderr;
+    the standard library's log records (WARNING and above) go through it too."""
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
@@ -148,10 +177,8 @@ def configure(*, json: bool = False, level: str = "INFO") -> None:
         cache_logger_on_first_use=True,
     )
     client = logging.getLogger(KAFKA_CLIENT_LOGGER)
-    for handler in list(client.handlers):
-        if isinstance(handler, _ToStructlog):
-            client.removeHandler(handler)
-    handler = _ToStructlog(logging.WARNING)
+    handler = _ToStructlog(logging.WARNING, "kafka_client")
     handler.addFilter(RepeatFilter())
-    client.addHandler(handler)
+    _bridge(client, handler)
     client.propagate = False
+    _bridge(logging.getLogger(), _ToStructlog(logging.WARNING, LIBRARY_EVENT))

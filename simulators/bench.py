@@ -199,7 +199,7 @@ def bench_claim(home_region: str, host_region: str, claim_id: str, person_id: st
     total = sum(i.amount_fen for i in items)
     return ClaimPackage(
         claim_id=claim_id,
-        filing_id=f"F-{person_id}",
+        filing_id=f"F-{home_region}-{claim_id}",  # nothing of the person in an id
         person_id=person_id,
         home_region=home_region,
         host_region=host_region,

@@ -1,7 +1,10 @@
 """The ``xsettle`` command: broker, demo, directory, province, simulate, bench, ops.
 
 Every command that talks to Kafka takes ``--bootstrap`` (or ``XSETTLE_BOOTSTRAP``); without it
-the commands that can start the embedded broker do so on a free loopback port.
+the commands that can start the embedded broker do so on a free loopback port. Every command
+with a state folder takes ``--state-dir`` (or ``XSETTLE_STATE_DIR``). Every bus setting is read
+from ``XSETTLE_<SETTING>`` (:mod:`bus.settings`); a flag overrides the variable, the variable
+the default (:func:`settings_from`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from bus.broker import EmbeddedBroker, create_contract_topics
+from bus.broker import EmbeddedBroker, PortInUse, create_contract_topics
 from bus.logs import configure
 from bus.settings import BusSettings
-from simulators.failures import describe, known_province
+from simulators.failures import UsageError, describe, known_province
 
 SUBCOMMAND_MODULES = (
     "simulators.demo",
@@ -33,6 +36,7 @@ SUBCOMMAND_MODULES = (
     "simulators.cli_keys",
     "simulators.cli_gateway",
     "simulators.cli_schemas",
+    "simulators.cli_conformance",
 )
 """Modules that add their own subcommands with ``register(subparsers)`` when present."""
 
@@ -47,9 +51,23 @@ def add_bootstrap(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_state_dir(parser: argparse.ArgumentParser, help: str, *, required: bool = False) -> None:
+    """The common ``--state-dir`` option, whose default is ``XSETTLE_STATE_DIR`` (the flag
+    overrides the variable); ``required``: one of the two must be given. ``help`` says what
+    the folder is and what is used without either."""
+    default = os.environ.get("XSETTLE_STATE_DIR") or None
+    parser.add_argument(
+        "--state-dir", default=default, required=required and default is None, metavar="DIR",
+        help=f"{help} (or $XSETTLE_STATE_DIR)",
+    )  # fmt: skip
+
+
 def settings_from(args: argparse.Namespace) -> BusSettings:
-    """Bus settings from the environment and ``--bootstrap``."""
-    return BusSettings.from_env(bootstrap=getattr(args, "bootstrap", None))
+    """Bus settings: their defaults, then the ``XSETTLE_*`` variables, then the command's
+    flags named after a setting (``--bootstrap``, ``--state-dir``) when given: a flag
+    overrides the environment, the environment overrides the default."""
+    flags = {name: getattr(args, name, None) for name in BusSettings.model_fields}
+    return BusSettings.from_env(**flags)
 
 
 async def cmd_broker(args: argparse.Namespace) -> int:
@@ -60,14 +78,23 @@ async def cmd_broker(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    settings = settings_from(args)  # XSETTLE_PARTITIONS and the rest shape the topics
     broker = EmbeddedBroker(port=args.port)
-    await broker.start()
+    try:
+        await broker.start()
+    except PortInUse as exc:
+        raise UsageError(
+            f"{exc}: choose another with --port or stop the process using it"
+        ) from None
+    except PermissionError:
+        raise UsageError(
+            f"--port {args.port}: a port below 1024 needs privileges; choose one of 1024..65535"
+        ) from None
     try:
         provinces = list(Directory.default().provinces()) if args.topics else []
         if provinces:
-            await create_contract_topics(
-                BusSettings(idempotence=False), broker.bootstrap, provinces
-            )
+            effective = settings.with_bootstrap(broker.bootstrap, embedded=True)
+            await create_contract_topics(effective, broker.bootstrap, provinces)
         print(f"bootstrap={broker.bootstrap}", flush=True)
         print(
             f"embedded Tansu broker pid {broker.pid}; topics for {len(provinces)} provinces; "
@@ -114,6 +141,17 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     return 0
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port to listen on: 1..65535 (argparse names the option when it is not)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
+    return port
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A parser whose usage errors are one line on stderr, naming the problem and where
     help is, with exit code 2 (argparse prints the whole usage block first)."""
@@ -143,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
-    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--port", type=tcp_port, default=None, help="port (default: a free one)")
     p.add_argument(
         "--no-topics", dest="topics", action="store_false", help="do not create contract topics"
     )

@@ -43,7 +43,7 @@ from bus.ops import (
 from bus.pg import masked_url
 from bus.settings import BusSettings
 from bus.store import SqlStore, Store
-from simulators.cli import add_bootstrap, settings_from
+from simulators.cli import add_bootstrap, add_state_dir, settings_from
 from simulators.failures import province_code
 
 REDRAW_S = 1.0
@@ -618,13 +618,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(run=cmd_dlq)
 
     p = sub.add_parser("pending", help="requests waiting for an answer (from a node's store)")
-    p.add_argument("--state-dir", required=True, help="the node's state folder")
+    add_state_dir(p, "the node's state folder", required=True)
     p.add_argument("--province", help="only this province's store bus-<P>.sqlite3")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(run=cmd_pending)
 
     p = sub.add_parser("claims", help="a host's claims by state, or one claim's timeline")
-    p.add_argument("--state-dir", required=True, help="the province's state folder")
+    add_state_dir(p, "the province's state folder", required=True)
     p.add_argument("--province", required=True, help="the host province (its database)")
     p.add_argument(
         "--state", type=_claim_state, default=None, help="only claims in this state (OVERDUE, ...)"
@@ -643,9 +643,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: free)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--province", help="only this province's error and DLQ topics")
-    p.add_argument(
-        "--state-dir",
-        help="show pending and owed requests, overdue claims and settlement statistics of the "
+    add_state_dir(
+        p,
+        "show pending and owed requests, overdue claims and settlement statistics of the "
         "province databases in this folder",
     )
     p.add_argument("--directory", help="directory TOML for province names (default: packaged)")

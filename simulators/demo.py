@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, TypeVar
 import httpx
 import structlog
 
-from adapters.backoffice import ClaimState, Person
+from adapters.backoffice import TERMINAL_STATES, ClaimState, Person
 from adapters.directory import Agreement, Directory, province_of
 from adapters.gateway.config import GatewayConfig, ReviewDeskConfig
 from adapters.gateway.service import Gateway
@@ -61,6 +61,7 @@ from simulators.desks import GatewayDesks, Refused
 from simulators.failures import known_province
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
+from simulators.progress import Progress
 from simulators.reviewers import SimulatedReviewer
 from simulators.scenario import Scenario
 
@@ -74,6 +75,8 @@ DEMO_REVERSALS: Final = 3
 """Settled claims the demo's hosts cancel at the end of the day (a duplicate bill each)."""
 FILINGS_IN_FLIGHT: Final = 24
 """Filings the agency counters send at once, across provinces (each waits for the broker)."""
+WAITING_SCAN: Final = 2_000
+"""Pending requests read per province to name whom a stalled run waits for."""
 HOSPITAL_CONNECTIONS: Final = 16
 """Most connections of one gateway's hospital desks (over sockets): the visits in flight are
 spread over the hosts, and every request scans the pool's idle connections."""
@@ -623,11 +626,14 @@ class Simulation:
         total = len(visits)
         settle = self.scenario.settle_timeout_s
         last_change, seen = time.monotonic(), (-1, -1)
+        # Visits closed: refused at admission, or their claim in a terminal state. Both only
+        # grow (the count shown before, visits ended less claims open, fell as claims opened).
+        bar = self.open_progress(total, "visits closed")
         while True:
             finished = sum(t.done() for t in tasks)
             open_claims = self.open_claims()
-            done = finished - open_claims if finished == total else finished
-            self._progress(max(0, done), total)
+            if bar is not None:
+                bar.update(len(self.refusals) + self.closed_claims())
             self.backlog()
             if finished == total and open_claims == 0 and silencer.done():
                 break
@@ -638,6 +644,8 @@ class Simulation:
             elif time.monotonic() - last_change > settle:
                 break  # no visit ended and no claim closed for that long: stuck
             await asyncio.sleep(0.25)
+        if bar is not None:
+            bar.close()
         for t in tasks:
             if not t.done():
                 t.cancel()  # stuck: the report shows what stayed open
@@ -647,8 +655,6 @@ class Simulation:
                 raise t.exception()  # type: ignore[misc]
         await silencer
         await asyncio.sleep(0.5)  # let settlement notices and reports arrive
-        if self.progress:
-            print(file=sys.stderr)
         rng = random.Random(self.scenario.seed)
         reversed_claims = await plant_reversals(self.systems, DEMO_REVERSALS, rng)
         for _, claim_id in reversed_claims:
@@ -660,13 +666,34 @@ class Simulation:
         facts.duration_s = time.monotonic() - began
         return facts
 
-    def _progress(self, done: int, total: int) -> None:
-        if not self.progress:
-            return
-        width = 40
-        filled = width * done // max(1, total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} visits closed")
-        sys.stderr.flush()
+    def open_progress(self, total: int, label: str) -> Progress | None:
+        """A progress display on stderr (None without ``progress``) that, stalled, names the
+        provinces owing answers (:meth:`waiting_for`)."""
+        return Progress(total, label, waiting=self.waiting_for) if self.progress else None
+
+    def closed_claims(self) -> int:
+        """Claims in a terminal state, across hosts: a count that only grows."""
+        return sum(
+            s.backoffice.count_claims(state)
+            for s in self.systems.values()
+            for state in TERMINAL_STATES
+        )
+
+    def waiting_for(self) -> list[str]:
+        """Whom a stalled day waits for: the province the scenario silenced (its desks wait
+        for it), then the provinces owing answers to requests of the provinces run here
+        (claims, filings, reversals...), most first."""
+        named = self.directory.province_name
+        waits = []
+        silent = self.scenario.faults.silent_home
+        if silent is not None and not self._silent_back.is_set():
+            waits.append(f"{silent} {named(silent)} (silenced by the scenario)")
+        owed: Counter[str] = Counter()
+        for s in self.systems.values():
+            for request in s.node.store.pending_requests(WAITING_SCAN):
+                owed[request.target] += 1
+        waits += [f"{code} {named(code)} ({n} unanswered)" for code, n in owed.most_common()]
+        return waits
 
     # --- facts ----------------------------------------------------------------------------
     async def facts(self) -> Facts:
@@ -864,43 +891,68 @@ async def run_demo(
     hold_s: float = 0.0,
     http: Literal["sockets", "asgi"] = "asgi",
     database: str = "sqlite",
+    state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its report (checked invariants included).
 
     ``http``: how the simulated people reach the gateways (:class:`Simulation`).
     ``database``: where the provinces keep their state (:func:`province_databases`).
+    ``state_dir``: the state folder, kept after the run (:func:`fresh_state_dir`); None: a
+    temporary one, removed after.
 
     With ``console_port`` the ops console (errors, dead letters, pending, statistics,
     ``/metrics``) is served while it runs, and ``hold_s`` keeps it up after the report.
     """
     directory = directory or Directory.default()
     provinces = provinces or list(directory.provinces())
-    async with running_broker(settings, provinces) as (bootstrap, on_broker):
-        with (
-            tempfile.TemporaryDirectory(prefix="xsettle-demo-") as state,
-            province_databases(database, on_broker, provinces, Path(state)) as effective,
-        ):
-            sim = Simulation(
-                directory, scenario, effective, bootstrap, provinces, Path(state),
-                progress=progress, http=http,
-            )  # fmt: skip
-            await sim.start()
-            console = None
-            if console_port is not None:
-                console = await start_console(sim, effective, bootstrap, console_port)
-            try:
-                facts = await sim.guarded(sim.run())
-                checks = check_invariants(facts)
-                report = build_report(facts, checks, _meta(scenario, bootstrap, database))
-                if console is not None and hold_s > 0:
-                    print(render(report))
-                    print(f"\nconsole stays up {hold_s:.0f} s: {console.url}", file=sys.stderr)
-                    await asyncio.sleep(hold_s)
-            finally:
-                if console is not None:
-                    await console.stop()
-                await sim.stop()
+    with fresh_state_dir(state_dir) as state:  # checked before a broker is started
+        async with running_broker(settings, provinces) as (bootstrap, on_broker):
+            with province_databases(database, on_broker, provinces, state) as effective:
+                sim = Simulation(
+                    directory, scenario, effective, bootstrap, provinces, state,
+                    progress=progress, http=http,
+                )  # fmt: skip
+                await sim.start()
+                console = None
+                if console_port is not None:
+                    console = await start_console(sim, effective, bootstrap, console_port)
+                try:
+                    facts = await sim.guarded(sim.run())
+                    checks = check_invariants(facts)
+                    report = build_report(facts, checks, _meta(scenario, bootstrap, database))
+                    if console is not None and hold_s > 0:
+                        print(render(report))
+                        print(f"\nconsole stays up {hold_s:.0f} s: {console.url}", file=sys.stderr)
+                        await asyncio.sleep(hold_s)
+                finally:
+                    if console is not None:
+                        await console.stop()
+                    await sim.stop()
     return report
+
+
+STATE_FILES = ("province-*.sqlite3", "bus-*.sqlite3", "hospital-desk-*.jsonl", "postgres")
+"""What a day of the demo leaves in its state folder."""
+
+
+@contextlib.contextmanager
+def fresh_state_dir(folder: Path | None) -> Iterator[Path]:
+    """``folder`` (made if missing) when it holds nothing of a previous day, else ValueError:
+    the demo plays a new day from its seed, and a previous day's filings and desk journals
+    would be taken for this one's. None: a temporary folder, removed after."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="xsettle-demo-") as temporary:
+            yield Path(temporary)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    left = sorted(str(f.name) for pattern in STATE_FILES for f in folder.glob(pattern))
+    if left:
+        raise ValueError(
+            f"state folder {folder} holds a previous run ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''}): the demo plays a new day; give an empty "
+            "folder with --state-dir (or XSETTLE_STATE_DIR), or remove those files"
+        )
+    yield folder
 
 
 async def start_console(sim: Simulation, settings: BusSettings, bootstrap: str, port: int) -> Any:
@@ -945,7 +997,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         print(
             f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "
             f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}, "
-            f"desks on the gateways' HTTP API ({args.http}), state in {masked_url(args.database)}",
+            f"desks on the gateways' HTTP API ({args.http}), state in {masked_url(args.database)}"
+            + (f" ({args.state_dir})" if args.state_dir else ""),
             file=sys.stderr,
         )
     try:
@@ -957,6 +1010,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             hold_s=args.hold,
             http=args.http,
             database=args.database,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
         )
     except ProvinceFailed as exc:
         print(f"xsettle demo: {exc}", file=sys.stderr)
@@ -973,7 +1027,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``demo``, ``province`` and ``simulate``."""
-    from simulators.cli import add_bootstrap
+    from simulators.cli import add_bootstrap, add_state_dir
 
     p = sub.add_parser("demo", help="a day of cross-province settlement (the main job)")
     p.add_argument("--claims", type=int, default=None, help="visits to simulate (default 5000)")
@@ -1001,6 +1055,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "stopped by the demo), or a postgresql:// URL with {province} in the database name",
     )  # fmt: skip
     add_bootstrap(p)
+    add_state_dir(p, "keep the provinces' state in this folder, empty or new (default: a "
+                  "temporary folder, removed after)")  # fmt: skip
     p.set_defaults(run=cmd_demo)
     from simulators.peers import register as register_peers  # peers imports this module
 

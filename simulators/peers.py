@@ -58,7 +58,7 @@ from simulators.demo import (
 from simulators.desks import GatewayDesks, OpenReview, ProposedItem, Refused, ReviewerClient
 from simulators.failures import UsageError, known_province, known_provinces
 from simulators.invariants import Facts, build_report, check_invariants, render
-from simulators.population import make_bill, make_filing, make_person, make_visit
+from simulators.population import keyed_token, make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
 
 log = structlog.get_logger(__name__)
@@ -80,10 +80,11 @@ def _minute_of(person_id: str) -> int:
     return int(hashlib.sha256(person_id.encode()).hexdigest()[:8], 16) % 600
 
 
-def foreign_visit(person_id: str) -> str:
+def foreign_visit(person_id: str, seed: int) -> str:
     """The visit of a foreign-filed person in the host desk's journal: stable across
-    restarts (one visit per person), and no digit of the ID number in it."""
-    return f"foreign-{hashlib.sha256(person_id.encode()).hexdigest()[:12]}"
+    restarts and instances given the seed (one visit per person), and nothing of the ID
+    number in it, nor a plain hash of it (:func:`keyed_token`)."""
+    return f"foreign-{keyed_token(f'xsettle-visit-{seed}', person_id)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,13 +287,10 @@ class Peer(Simulation):
                 for _ in range(per_agreement):
                     sequence += 1
                     person = make_person(self.rng, a.home, 500_000 + sequence)
-                    # The filing id from the sequence: make_filing's default (the ID number's
-                    # last six characters) repeats beyond 1,000 persons of one region, and a
-                    # second person's filing under a used id is refused (409).
+                    # Its id drawn from the seed (make_filing): the same after a restart.
                     filing = make_filing(
-                        self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3),
-                        filing_id=f"F-{a.home}-{sequence:06d}-{a.host}",
-                    )  # fmt: skip
+                        self.rng, person, a.host, filed_at=DAY - dt.timedelta(days=3)
+                    )
                     # Made whether ours or not: every instance draws the same persons.
                     if self.share.mine(person.person_id):
                         uploads.append((person, filing))
@@ -312,16 +310,20 @@ class Peer(Simulation):
                 break
             await asyncio.sleep(0.5)
         served = {
-            key
+            visit
             for p in self.provinces
-            for key in self.journals[p].claims
-            if key.startswith("foreign-")
+            for visit in self.journals[p].claims
+            if visit.startswith("foreign-")
         }
+
+        def key(person_id: str) -> str:
+            return foreign_visit(person_id, self.scenario.seed)
+
         if self.share.count == 1:
-            todo = [f for f in seen if foreign_visit(f[1]) not in served]
+            todo = [f for f in seen if key(f[1]) not in served]
             todo = todo[: max(0, visits - len(served))]
         else:  # the journal holds this instance's visits only: no cap on the others' count
-            todo = [f for f in seen if self.share.mine(f[1]) and foreign_visit(f[1]) not in served]
+            todo = [f for f in seen if self.share.mine(f[1]) and key(f[1]) not in served]
         slots = asyncio.Semaphore(max(1, in_flight))
 
         async def visit(host: str, person_id: str, home_region: str) -> bool:
@@ -339,7 +341,7 @@ class Peer(Simulation):
             items = make_bill(rng, self.directory.catalogue(host), visit_type, days)
             async with slots:
                 outcome = await self.treat(
-                    host, foreign_visit(person_id), person_id, home_region, hospital, admitted,
+                    host, key(person_id), person_id, home_region, hospital, admitted,
                     Bill(visit_type, days, diagnoses, items),
                 )  # fmt: skip
             if isinstance(outcome, Refused):
@@ -361,10 +363,20 @@ class Peer(Simulation):
         return out
 
     async def wait_closed(self, timeout_s: float) -> None:
-        """Until every claim our hosts sent is settled or refused."""
+        """Until every claim our hosts sent is settled or refused (shown as "claims closed"
+        of all our hosts' claims, naming whom it waits for when stalled)."""
         deadline = time.monotonic() + timeout_s
-        while self.open_claims() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the DB
+        open_claims = self.open_claims()
+        total = self.closed_claims() + open_claims
+        bar = self.open_progress(total, "claims closed") if open_claims else None
+        while open_claims and time.monotonic() < deadline:
             await asyncio.sleep(0.25)
+            open_claims = self.open_claims()
+            if bar is not None:
+                closed = self.closed_claims()
+                bar.update(closed, total=closed + open_claims)
+        if bar is not None:
+            bar.close()
 
     # --- the end of the day with the provinces run elsewhere -----------------------------------
     async def close_day(self, timeout_s: float) -> EndOfDay:
@@ -492,7 +504,10 @@ async def run_peer(
             duplicate_resend=0, silent_home=None,
         ),
     )  # fmt: skip
-    state = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="xsettle-"))
+    # --state-dir, else XSETTLE_STATE_DIR (settings_from), else a new folder.
+    explicit = "state_dir" in settings.model_fields_set
+    state = settings.state_dir if explicit else Path(tempfile.mkdtemp(prefix="xsettle-"))
+    state.mkdir(parents=True, exist_ok=True)
     share: Share = getattr(args, "share", WHOLE)
     # A restart finds its SQLite file, or (PostgreSQL) its desk journal in its own folder.
     resumed = [
@@ -502,8 +517,7 @@ async def run_peer(
         or (state / f"hospital-desk-{p}.jsonl").exists()
     ]
     peer = Peer(
-        directory, scenario, settings, settings.bootstrap, provinces, state, progress=False,
-        share=share,
+        directory, scenario, settings, settings.bootstrap, provinces, state, share=share,
     )  # fmt: skip
     await peer.start()
     print(
@@ -562,7 +576,7 @@ async def run_peer(
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from simulators.cli import add_bootstrap
+    from simulators.cli import add_bootstrap, add_state_dir
 
     add_bootstrap(p)
     p.add_argument("--directory", help="directory TOML file (default: the packaged one)")
@@ -586,7 +600,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="seconds to keep answering after the day reconciled (default 0: end then)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=20170523)
-    p.add_argument("--state-dir", default=None, help="durable state folder (default: temp)")
+    add_state_dir(p, "durable state folder (default: a new temporary folder)")
     p.add_argument("--json", default=None, help="write the JSON report here")
 
 

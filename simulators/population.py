@@ -2,12 +2,15 @@
 
 ID numbers follow GB 11643-1999 (18 characters: 6-digit region, birth date, 3-digit sequence,
 ISO 7064 MOD 11-2 check character). Bills are drawn from the host catalogue with amounts
-computed by the same rule the home checks (:func:`adapters.rules.item_amount_fen`).
+computed by the same rule the home checks (:func:`adapters.rules.item_amount_fen`). The ids
+made here carry nothing of the person (:func:`opaque_token`, :func:`keyed_token`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import random
 from collections.abc import Mapping, Sequence
 
@@ -60,6 +63,11 @@ VISIT_MIX: tuple[tuple[VisitType, int], ...] = (
     (VisitType.CHRONIC_OUTPATIENT, 20),
     (VisitType.PHARMACY, 10),
 )
+ID_LETTERS = "bcdfghjkmnpqrstvwxz"
+"""The characters of the opaque part of a generated id: consonants only, so it spells no word
+and holds no digit (no run of an ID number's digits can appear in it, by chance or not)."""
+ID_TOKEN_LENGTH = 10
+"""Letters of that part: 19^10 (6e12) values, so ids drawn for a day never collide."""
 DIAGNOSES = ("I10", "E11.9", "I25.1", "J18.9", "K35.8", "N18.5", "C34.9", "S72.0", "I63.9")
 ASSISTANCE_SHARE = 0.06
 """Share of persons marked eligible for medical assistance."""
@@ -102,6 +110,26 @@ def make_person(rng: random.Random, region: str, sequence: int) -> Person:
     )
 
 
+def opaque_token(rng: random.Random) -> str:
+    """The opaque part of a generated id (a filing's): drawn from the seeded generator, so
+    the same seed gives the same ids, and nothing of the person (ID number, name, birth date)
+    is in it or can be derived from it."""
+    return "".join(rng.choice(ID_LETTERS) for _ in range(ID_TOKEN_LENGTH))
+
+
+def keyed_token(key: str, value: str) -> str:
+    """An opaque token that is always the same for ``value`` under ``key`` (HMAC-SHA256,
+    spelt in :data:`ID_LETTERS`): for an id that must be found again from the person (a
+    visit resumed after a restart) without carrying anything of them. A plain hash would not
+    do: an ID number has few enough possible values to hash them all and look one up."""
+    digest = int.from_bytes(hmac.new(key.encode(), value.encode(), hashlib.sha256).digest())
+    letters = []
+    for _ in range(ID_TOKEN_LENGTH):
+        digest, index = divmod(digest, len(ID_LETTERS))
+        letters.append(ID_LETTERS[index])
+    return "".join(letters)
+
+
 def make_filing(
     rng: random.Random,
     person: Person,
@@ -111,7 +139,10 @@ def make_filing(
     action: FilingAction = FilingAction.CREATE,
     filing_id: str | None = None,
 ) -> FilingUpload:
-    """A filing of ``person`` to ``host`` (a province or city code, never a hospital)."""
+    """A filing of ``person`` to ``host`` (a province or city code, never a hospital). Its
+    default id is ``F-<home region>-<opaque token>-<host>`` (:func:`opaque_token`): an id
+    travels in logs, URLs and reports beside the masked person, and once carried the last six
+    characters of the ID number."""
     reason = pick(rng, REASON_MIX)
     channel = pick(rng, CHANNEL_MIX)
     assert isinstance(reason, FilingReason)
@@ -119,7 +150,7 @@ def make_filing(
     temporary = reason in (FilingReason.TEMPORARY, FilingReason.REFERRAL, FilingReason.EMERGENCY)
     valid_from = filed_at.date() - dt.timedelta(days=rng.randint(0, 200))
     return FilingUpload(
-        filing_id=filing_id or f"F-{person.home_region}-{person.person_id[-6:]}-{host}",
+        filing_id=filing_id or f"F-{person.home_region}-{opaque_token(rng)}-{host}",
         action=action,
         person_id=person.person_id,
         person_name=person.name,

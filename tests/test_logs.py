@@ -1,11 +1,16 @@
 """Logging of the Kafka client: through structlog, and one line per message template and
-period instead of a line per retry."""
+period instead of a line per retry; any library's standard-library lines through structlog."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 
-from bus.logs import RepeatFilter
+import pytest
+import structlog
+
+from bus.logs import KAFKA_CLIENT_LOGGER, LIBRARY_EVENT, RepeatFilter, configure, renders_json
 
 
 def record(msg: str, *args: object) -> logging.LogRecord:
@@ -29,3 +34,54 @@ class TestRepeatFilter:
         later = record("lost %s", 9)
         assert f.filter(later)
         assert later.held_back == 5  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put structlog's configuration and the bridged loggers' handlers back after a test
+    that calls :func:`bus.logs.configure`."""
+    saved = structlog.get_config()
+    loggers = [logging.getLogger(), logging.getLogger(KAFKA_CLIENT_LOGGER)]
+    handlers = [list(lg.handlers) for lg in loggers]
+    propagate = [lg.propagate for lg in loggers]
+    yield
+    structlog.configure(**saved)
+    for lg, hs, prop in zip(loggers, handlers, propagate, strict=True):
+        lg.handlers[:] = hs
+        lg.propagate = prop
+
+
+@pytest.mark.usefixtures("restore_logging")
+class TestStandardLibraryBridge:
+    def test_a_kafka_client_line_is_json_under_log_json(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--log-json``: aiokafka's own lines come out as JSON, masked like every other."""
+        configure(json=True, level="INFO")
+        assert renders_json()  # and so progress lines are JSON too (simulators.progress)
+        capsys.readouterr()
+        logging.getLogger("aiokafka.conn").error(
+            "Unable connect to node with id %s for %s", 1, "130102195001011234"
+        )
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1, lines
+        line = json.loads(lines[0])
+        assert line["event"] == "kafka_client"
+        assert line["logger"] == "aiokafka.conn"
+        assert line["level"] == "error"
+        assert line["message"] == "Unable connect to node with id 1 for 130102**********34"
+
+    def test_any_library_line_and_its_traceback_is_json(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        configure(json=True, level="INFO")
+        capsys.readouterr()
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        (only,) = capsys.readouterr().err.splitlines()
+        line = json.loads(only)
+        assert line["event"] == LIBRARY_EVENT
+        assert line["logger"] == "uvicorn.error"
+        assert "RuntimeError: boom" in line["exception"]
