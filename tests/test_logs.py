@@ -85,3 +85,19 @@ class TestStandardLibraryBridge:
         assert line["event"] == LIBRARY_EVENT
         assert line["logger"] == "uvicorn.error"
         assert "RuntimeError: boom" in line["exception"]
+
+
+def test_overlapping_quiet_blocks_give_the_kafka_client_its_level_back() -> None:
+    """Two gateways in one process start and stop out of order: the Kafka client's level is
+    back once both are closed (it stayed CRITICAL for good, and hid later lines)."""
+    from adapters.gateway.service import quiet_kafka_client
+
+    client = logging.getLogger(KAFKA_CLIENT_LOGGER)
+    client.setLevel(logging.NOTSET)
+    first, second = quiet_kafka_client(), quiet_kafka_client()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert client.level == logging.CRITICAL  # the second gateway is still starting
+    second.__exit__(None, None, None)
+    assert client.level == logging.NOTSET

@@ -61,17 +61,26 @@ class _Server(uvicorn.Server):
         yield
 
 
+_quieted: list[int] = []
+"""The Kafka client logger's level before the first of the open :func:`quiet_kafka_client`
+blocks, once per open block: the last to close restores it, whatever order they close in."""
+
+
 @contextlib.contextmanager
 def quiet_kafka_client() -> Iterator[None]:
     """Silence the Kafka client's per-connection error lines (the gateway logs one line per
-    try instead)."""
+    try instead). Several gateways in one process (tests, the demo) may overlap: the level
+    comes back only when the last block closes (saving and restoring per block would leave
+    the client silenced for good when two close out of order)."""
     logger = logging.getLogger("aiokafka")
-    before = logger.level
+    _quieted.append(_quieted[0] if _quieted else logger.level)
     logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(before)
+        before = _quieted.pop()
+        if not _quieted:
+            logger.setLevel(before)
 
 
 def bind(host: str, port: int) -> socket.socket:
