@@ -7,11 +7,12 @@ or name never reaches a log unmasked, whatever the event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import structlog
@@ -182,3 +183,26 @@ def configure(*, json: bool = False, level: str = "INFO") -> None:
     _bridge(client, handler)
     client.propagate = False
     _bridge(logging.getLogger(), _ToStructlog(logging.WARNING, LIBRARY_EVENT))
+
+
+_quieted: list[int] = []
+"""The Kafka client logger's level before the first of the open :func:`quiet_kafka_client`
+blocks, once per open block: the last to close restores it, whatever order they close in."""
+
+
+@contextlib.contextmanager
+def quiet_kafka_client() -> Iterator[None]:
+    """Silence the Kafka client's per-connection error lines while the caller waits for a
+    broker and says in its own words why it cannot reach one. Several waits in one process
+    (gateways in tests and the demo) may overlap: the level comes back only when the last
+    block closes (saving and restoring per block would leave the client silenced for good
+    when two close out of order)."""
+    logger = logging.getLogger(KAFKA_CLIENT_LOGGER)
+    _quieted.append(_quieted[0] if _quieted else logger.level)
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        before = _quieted.pop()
+        if not _quieted:
+            logger.setLevel(before)

@@ -29,6 +29,7 @@ from aiokafka.record.util import calc_crc32c
 
 from bus.constants import ERROR_TEXT_MAX, MAX_REQUEST_BYTES
 from bus.errors import TransportError, TransportFatalError
+from bus.logs import quiet_kafka_client
 from bus.settings import BusSettings
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,8 @@ class Record:
 def _translate(exc: BaseException, doing: str) -> TransportError:
     if isinstance(exc, KafkaError) and not getattr(exc, "retriable", True):
         return TransportFatalError(f"{doing}: {exc!r}")
+    if isinstance(exc, KafkaConnectionError) and "bootstrap" in str(exc):
+        return TransportError(f"{doing}: no broker answered at the bootstrap address")
     return TransportError(f"{doing}: {exc!r}")
 
 
@@ -159,7 +162,8 @@ class Producer:
         wanted = self._settings.producer_idempotence
         self._producer = self._new(wanted)
         try:
-            await self._producer.start()
+            with quiet_kafka_client():  # the failure below says why, once
+                await self._producer.start()
         except KafkaError as exc:
             await self._producer.stop()
             if not (wanted and self._settings.idempotence is None):
@@ -172,7 +176,8 @@ class Producer:
             )
             self._producer = self._new(False)
             try:
-                await self._producer.start()
+                with quiet_kafka_client():  # the failure below says why, once
+                    await self._producer.start()
             except KafkaError as again:
                 await self._producer.stop()
                 raise _translate(again, "starting the producer") from again
@@ -289,7 +294,8 @@ class Consumer:
         if self._started:
             return
         try:
-            await self._consumer.start()
+            with quiet_kafka_client():  # the failure below says why, once
+                await self._consumer.start()
         except KafkaError as exc:
             await self._consumer.stop()
             raise _translate(exc, "starting the consumer") from exc
@@ -523,7 +529,8 @@ class Admin:
             **self._settings.kafka_security(),
         )
         try:
-            await self._admin.start()
+            with quiet_kafka_client():  # the failure below says why, once
+                await self._admin.start()
         except KafkaError as exc:
             await self._admin.close()
             raise _translate(exc, f"connecting to {self._bootstrap}") from exc
@@ -591,17 +598,21 @@ async def unreachable(settings: BusSettings, bootstrap: str, *, timeout_s: float
 async def wait_for_metadata(
     settings: BusSettings, bootstrap: str, *, timeout_s: float = 30.0
 ) -> list[str]:
-    """Wait until the cluster at ``bootstrap`` answers a metadata request; return its topics."""
+    """Wait until the cluster at ``bootstrap`` answers a metadata request; return its topics.
+    The Kafka client's own line per failed connection is held back meanwhile: the
+    :class:`TransportError` at the end says why in one line."""
     deadline = time.monotonic() + timeout_s
     last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            async with Admin(settings, bootstrap) as admin:
-                return await admin.list_topics()
-        except (TransportError, KafkaConnectionError, OSError) as exc:
-            last = exc
-            await asyncio.sleep(0.1)
-    raise TransportError(f"no Kafka metadata from {bootstrap} within {timeout_s} s: {last!r}")
+    with quiet_kafka_client():
+        while time.monotonic() < deadline:
+            try:
+                async with Admin(settings, bootstrap) as admin:
+                    return await admin.list_topics()
+            except (TransportError, KafkaConnectionError, OSError) as exc:
+                last = exc
+                await asyncio.sleep(0.1)
+    why = (str(last).splitlines() or [type(last).__name__])[0][:200] if last else "no answer"
+    raise TransportError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s: {why}")
 
 
 # --- Raw record batches: read what the client cannot parse, write what it would not send ----

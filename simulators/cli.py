@@ -24,7 +24,7 @@ from typing import NoReturn
 from bus.broker import EmbeddedBroker, PortInUse, create_contract_topics
 from bus.logs import configure
 from bus.settings import BusSettings
-from simulators.failures import UsageError, describe, known_province
+from simulators.failures import UsageError, describe, known_province, tcp_port
 
 SUBCOMMAND_MODULES = (
     "simulators.demo",
@@ -139,17 +139,6 @@ async def cmd_directory(args: argparse.Namespace) -> int:
             where = f"{h.region} {regions.get(h.region, '')}"
             print(f"{h.code:<12}{'L' + str(h.level):<4}{where:<18}{h.name}")
     return 0
-
-
-def tcp_port(text: str) -> int:
-    """A TCP port to listen on: 1..65535 (argparse names the option when it is not)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1..65535)")
-    return port
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -44,7 +44,7 @@ from bus.pg import masked_url
 from bus.settings import BusSettings
 from bus.store import SqlStore, Store
 from simulators.cli import add_bootstrap, add_state_dir, settings_from
-from simulators.failures import province_code
+from simulators.failures import listen_port, province_code
 
 REDRAW_S = 1.0
 """How often the live error view is redrawn."""
@@ -640,7 +640,9 @@ def register(subparsers: Any) -> None:
         "XSETTLE_TOKENS_OPS hashes' tokens, else a fresh ops token printed at start",
     )
     add_bootstrap(p)
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: free)")
+    p.add_argument(
+        "--port", type=listen_port, default=8080, help="HTTP port (default 8080; 0: free)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--province", help="only this province's error and DLQ topics")
     add_state_dir(

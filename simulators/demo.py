@@ -58,7 +58,7 @@ from bus.testing import send_raw
 from bus.transport import Consumer
 from simulators.closing import DayClose, close_day, close_month, plant_reversals
 from simulators.desks import GatewayDesks, Refused
-from simulators.failures import known_province
+from simulators.failures import known_province, listen_port
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
 from simulators.progress import Progress
@@ -1036,7 +1036,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", default="reports/demo-report.json", help="JSON report path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
-        "--console", type=int, default=None, metavar="PORT",
+        "--console", type=listen_port, default=None, metavar="PORT",
         help="serve the ops web console on this port while the demo runs (0: a free port)",
     )  # fmt: skip
     p.add_argument(

@@ -7,6 +7,7 @@ usage and configuration errors (found before any work), 1 for failures while wor
 
 from __future__ import annotations
 
+import argparse
 import errno
 import tomllib
 from collections.abc import Iterable
@@ -78,7 +79,7 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, TransportError | BrokerError):
         return FAILED, f"{exc} (is a broker running there? check --bootstrap / XSETTLE_BOOTSTRAP)"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return FAILED, f"{exc.strerror or exc}: another process holds the port; choose another"
+        return USAGE, f"{exc.strerror or exc}: another process holds the port; choose another"
     if isinstance(exc, FileNotFoundError):
         return USAGE, f"no such file: {exc.filename}"
     if isinstance(exc, StoreError):
@@ -86,3 +87,23 @@ def describe(exc: BaseException) -> tuple[int, str]:
     return FAILED, (
         f"unexpected {type(exc).__name__}: {exc} (--debug or XSETTLE_DEBUG=1 shows the traceback)"
     )
+
+
+def tcp_port(text: str) -> int:
+    """A TCP port to listen on: 1..65535 (argparse names the option when it is not)."""
+    return _port(text, low=1)
+
+
+def listen_port(text: str) -> int:
+    """A TCP port to listen on, or 0 for a free one the system picks."""
+    return _port(text, low=0)
+
+
+def _port(text: str, *, low: int) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not low <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port ({low}..65535)")
+    return port

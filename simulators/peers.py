@@ -56,7 +56,7 @@ from simulators.demo import (
     write_report,
 )
 from simulators.desks import GatewayDesks, OpenReview, ProposedItem, Refused, ReviewerClient
-from simulators.failures import UsageError, known_province, known_provinces
+from simulators.failures import UsageError, known_province, known_provinces, listen_port
 from simulators.invariants import Facts, build_report, check_invariants, render
 from simulators.population import keyed_token, make_bill, make_filing, make_person, make_visit
 from simulators.scenario import Faults, Scenario
@@ -581,7 +581,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_bootstrap(p)
     p.add_argument("--directory", help="directory TOML file (default: the packaged one)")
     p.add_argument(
-        "--console", type=int, default=None, metavar="PORT",
+        "--console", type=listen_port, default=None, metavar="PORT",
         help="serve the ops console and Prometheus /metrics on this port (0: a free one)",
     )  # fmt: skip
     p.add_argument("--filings", type=int, default=5, help="persons filed per agreement as home")

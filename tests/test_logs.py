@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from bus.logs import KAFKA_CLIENT_LOGGER, LIBRARY_EVENT, RepeatFilter, configure, renders_json
+from bus.logs import (
+    KAFKA_CLIENT_LOGGER,
+    LIBRARY_EVENT,
+    RepeatFilter,
+    configure,
+    quiet_kafka_client,
+    renders_json,
+)
 
 
 def record(msg: str, *args: object) -> logging.LogRecord:
@@ -90,8 +97,6 @@ class TestStandardLibraryBridge:
 def test_overlapping_quiet_blocks_give_the_kafka_client_its_level_back() -> None:
     """Two gateways in one process start and stop out of order: the Kafka client's level is
     back once both are closed (it stayed CRITICAL for good, and hid later lines)."""
-    from adapters.gateway.service import quiet_kafka_client
-
     client = logging.getLogger(KAFKA_CLIENT_LOGGER)
     client.setLevel(logging.NOTSET)
     first, second = quiet_kafka_client(), quiet_kafka_client()

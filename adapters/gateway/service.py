@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import signal
 import socket
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Final
 
@@ -40,6 +39,7 @@ from adapters.gateway.app import GatewayContext, create_app
 from adapters.gateway.config import ROLES, GatewayConfig
 from adapters.province import ProvinceSystem
 from adapters.review_desk import ReviewDeskSettings
+from bus.logs import quiet_kafka_client
 from bus.pg import masked_url, probe_database
 from bus.transport import unreachable
 
@@ -59,28 +59,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
-
-
-_quieted: list[int] = []
-"""The Kafka client logger's level before the first of the open :func:`quiet_kafka_client`
-blocks, once per open block: the last to close restores it, whatever order they close in."""
-
-
-@contextlib.contextmanager
-def quiet_kafka_client() -> Iterator[None]:
-    """Silence the Kafka client's per-connection error lines (the gateway logs one line per
-    try instead). Several gateways in one process (tests, the demo) may overlap: the level
-    comes back only when the last block closes (saving and restoring per block would leave
-    the client silenced for good when two close out of order)."""
-    logger = logging.getLogger("aiokafka")
-    _quieted.append(_quieted[0] if _quieted else logger.level)
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        before = _quieted.pop()
-        if not _quieted:
-            logger.setLevel(before)
 
 
 def bind(host: str, port: int) -> socket.socket:
