@@ -43,6 +43,7 @@ from bus.broker import running_broker
 from bus.constants import topic
 from bus.envelope import Envelope, new_id, now_ms
 from bus.errors import StoreError
+from bus.logs import renders_json
 from bus.models import (
     ClaimItem,
     ClaimPackage,
@@ -61,7 +62,7 @@ from simulators.desks import GatewayDesks, Refused
 from simulators.failures import known_province, listen_port
 from simulators.invariants import ClaimFact, Facts, build_report, check_invariants, render
 from simulators.population import make_bill, make_filing, make_person, make_visit
-from simulators.progress import Progress
+from simulators.progress import Progress, json_line
 from simulators.reviewers import SimulatedReviewer
 from simulators.scenario import Scenario
 
@@ -994,13 +995,22 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if silent is not None:
         known_province(silent, Directory.default(), f"{args.scenario or 'scenario'}: silent_home")
     if not args.quiet:
-        print(
-            f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "
-            f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}, "
-            f"desks on the gateways' HTTP API ({args.http}), state in {masked_url(args.database)}"
-            + (f" ({args.state_dir})" if args.state_dir else ""),
-            file=sys.stderr,
-        )
+        where = {
+            "broker": args.bootstrap or "embedded",
+            "desks": f"the gateways' HTTP API ({args.http})",
+            "state": masked_url(args.database) + (f" ({args.state_dir})" if args.state_dir else ""),
+        }
+        if renders_json():  # --log-json: stderr stays one JSON object a line
+            sys.stderr.write(
+                json_line("demo_start", visits=scenario.claims, seed=scenario.seed, **where)
+            )
+        else:
+            print(
+                f"xsettle demo: {scenario.claims} visits, seed {scenario.seed}, "
+                f"{'broker ' + args.bootstrap if args.bootstrap else 'embedded broker'}, "
+                f"desks on {where['desks']}, state in {where['state']}",
+                file=sys.stderr,
+            )
     try:
         report = await run_demo(
             scenario,

@@ -195,10 +195,17 @@ class Progress:
             width = max(self._columns() - 1, BAR_WIDTH + 3)
             self.stream.write("\r" + _fit(bar + text, width) + "\x1b[K")
         elif self.json_lines:
-            stamp = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
-            entry = {"event": "progress", "level": "info", "timestamp": stamp, "message": text,
-                     "count": self.shown, "total": self.total}  # fmt: skip
-            self.stream.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.stream.write(
+                json_line("progress", message=text, count=self.shown, total=self.total)
+            )
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def json_line(event: str, **fields: object) -> str:
+    """One line of stderr shaped like a ``--log-json`` log line (event, level, timestamp),
+    whatever the log level lets through: what a command says of its own progress."""
+    stamp = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    entry = {"event": event, "level": "info", "timestamp": stamp, **fields}
+    return json.dumps(entry, ensure_ascii=False) + "\n"
