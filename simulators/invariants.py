@@ -241,11 +241,13 @@ def _reconciled(facts: Facts) -> Check:
         return Check(name, True, "no claims settled between simulated provinces")
     first = [r for r in facts.reconciliations if r["round"] == "first"]
     found = [(r["host"], d) for r in first for d in r["differences"]]
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in facts.reconciliations:
-        latest[(r["host"], r["home"])] = r
+    latest: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for r in facts.reconciliations:  # per pair and day (a run across midnight states two)
+        latest[(r["host"], r["home"], r.get("day"))] = r
     unmatched = [
-        f"{h}->{m}: {r['outcome']}" for (h, m), r in latest.items() if r["outcome"] != "MATCHED"
+        f"{h}->{m}" + (f" {d}" if d else "") + f": {r['outcome']}"
+        for (h, m, d), r in latest.items()
+        if r["outcome"] != "MATCHED"
     ]
     planted = facts.planted_mismatch
     problems = list(unmatched)
@@ -270,7 +272,7 @@ def _reconciled(facts: Facts) -> Check:
     return Check(
         name,
         not problems,
-        f"{len(latest)} pairs, {len(first)} statements, "
+        f"{len({(h, m) for h, m, _ in latest})} pairs, {len(first)} statements, "
         f"{sum(r['count'] for r in latest.values())} claims stated"
         + (f"; {len(facts.day_heard)} days stated to us" if facts.day_heard else "")
         + (f"; {len(found)} difference found and put right" if planted and not problems else "")

@@ -41,7 +41,7 @@ from adapters.directory import Directory, province_of
 from adapters.gateway.service import Gateway
 from adapters.gateway.testing import TEST_TOKENS
 from adapters.host import ClaimActionRefused
-from adapters.reconciliation import StatementRecord, china_day
+from adapters.reconciliation import StatementRecord, china_day, day_bounds_ms
 from bus.broker import create_contract_topics
 from bus.errors import BusError
 from bus.models import DifferenceKind, FilingAction, FilingUpload, ItemAdjustment
@@ -211,8 +211,9 @@ class EndOfDay:
     """(host, home) -> the outcome of the latest statement our home answered (NOT_STATED)."""
 
     def closed(self) -> bool:
-        """Every statement answered, the latest of each pair MATCHED, every host heard."""
-        latest = {(host, r.home): r.outcome for host, _, r in self.stated}
+        """Every statement answered, the latest of each pair and day MATCHED, every host
+        heard."""
+        latest = {(host, r.home, r.day): r.outcome for host, _, r in self.stated}
         return (
             not self.unanswered
             and all(o == "MATCHED" for o in latest.values())
@@ -383,7 +384,8 @@ class Peer(Simulation):
         """The end-of-day signal between processes (daily reconciliation, contract v1.3).
 
         Once our claims are closed, each of our hosts states today (China time) to every home
-        not run here that filed persons with it, an empty day too (count 0), and waits for the
+        not run here that filed persons with it, an empty day too (count 0), after any earlier
+        day with settlements not yet matched (a run across midnight), and waits for the
         answers; a differing day is stated again after the notices the home missed are re-sent
         (:data:`END_OF_DAY_ROUNDS`). Meanwhile each of our homes waits until every host not run
         here that receipted its filings has stated its day and the home answered MATCHED. The
@@ -395,7 +397,7 @@ class Peer(Simulation):
                 break  # stated anyway: the statements then show what did not arrive
             await asyncio.sleep(0.1)  # the notices leave before the statement of their day
         await asyncio.gather(
-            *(self._state_day(host, home, end, deadline) for host, home in self._homes_to_state()),
+            *(self._state_days(host, home, end, deadline) for host, home in self._homes_to_state()),
             self._hear_hosts(end, deadline),
         )
         log.info(
@@ -422,14 +424,30 @@ class Peer(Simulation):
         }
         return sorted((h, m) for h, m in pairs if h not in self.gateways)
 
-    async def _state_day(self, host: str, home: str, end: EndOfDay, deadline: float) -> None:
+    def _days_to_state(self, host: str, home: str, today: dt.date) -> list[dt.date]:
+        """The days ``host`` states to ``home``, oldest first: every earlier day on which it
+        settled claims of that home (a run, or a state folder, that crossed midnight China
+        time) and today, settled on or not."""
         system = self.systems[host]
-        before = system.reconciler.statements(day=end.day, home=home)
-        if before and before[-1].outcome == "MATCHED":  # a restart: closed before it
+        before_today = system.backoffice.settled_claims(0, day_bounds_ms(today)[0], home=home)
+        days = {china_day(dt.datetime.fromtimestamp(c.settled_at_ms / 1000, dt.UTC))
+                for c in before_today if c.settled_at_ms is not None}  # fmt: skip
+        return sorted(days | {today})
+
+    async def _state_days(self, host: str, home: str, end: EndOfDay, deadline: float) -> None:
+        for day in self._days_to_state(host, home, end.day):
+            await self._state_day(host, home, day, end, deadline)
+
+    async def _state_day(
+        self, host: str, home: str, day: dt.date, end: EndOfDay, deadline: float
+    ) -> None:
+        system = self.systems[host]
+        before = system.reconciler.statements(day=day, home=home)
+        if before and before[-1].outcome == "MATCHED":  # closed before (a restart, a past day)
             end.stated.append((host, 0, before[-1]))
             return
         for round_ in range(1, END_OF_DAY_ROUNDS + 1):
-            statement_id = await system.reconciler.reconcile_day(home, end.day)
+            statement_id = await system.reconciler.reconcile_day(home, day)
             left = max(0.1, deadline - time.monotonic())
             try:
                 (record,) = await system.reconciler.wait_reconciled([statement_id], left)
@@ -463,7 +481,8 @@ class Peer(Simulation):
         for host, round_, r in end.stated:
             facts.reconciliations.append(
                 {
-                    "host": host, "home": r.home, "round": f"peer {round_}",
+                    "host": host, "home": r.home, "day": r.day.isoformat(),
+                    "round": f"peer {round_}",
                     "outcome": r.outcome, "count": r.count, "fund_fen": r.fund_fen,
                     "differences": [
                         {"claim_id": d.claim_id, "kind": d.kind.value,
