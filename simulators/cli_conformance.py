@@ -119,6 +119,6 @@ def register(sub: Any) -> None:
         nargs="+",
         default=[],
         metavar="PREFIX",
-        help="run only the checks whose id starts with one of these (e.g. error. signature.)",
+        help="run only the checks whose id starts with one of these (e.g. error. reversal.)",
     )
     p.set_defaults(run=cmd_conformance)

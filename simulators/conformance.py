@@ -6,14 +6,24 @@ The kit speaks only Kafka, Avro and Ed25519, as P's partners do. It signs as cou
 provinces that P's directory knows, with their private keys (the demo keys of a directory with
 ``demo_keys = true``, or ``--keys DIR``): as a **home** whose region has an agreement with P it
 files persons with P (P is the host), and as a **host** with which P's regions have an
-agreement it sends claims to P (P is the home). It reads the replies and error reports P
-sends to those provinces, P's own error topic and P's dead-letter topic.
+agreement it sends claims to P (P is the home), and then, for claims P reviewed, settlement
+notices, reversals and the day's and the month's statements. It reads the replies and error
+reports P sends to those provinces, P's own error topic and P's dead-letter topic.
 
 A home only reviews a claim of a person it filed itself, and nothing on the wire makes a home
 file someone, so the claim checks use persons P has filed with the kit's host provinces: the
 kit reads the ``FilingUpload`` records P sent to those hosts' filing topics (newest first),
 answers the ones still open with a ``FilingReceipt`` as a host would, and takes their persons.
-Without such filings the claim checks are skipped and say so.
+Without such filings the claim checks are skipped and say so. Those filings are P's own
+requests: ``headers.requests`` checks their headers, ids and signatures.
+
+A settlement notice has no answer, so the kit cannot see P record it; it sends, under the same
+key (the same partition, read in order), a notice of a claim P never reviewed right after it:
+when P's INVALID_MESSAGE about that one arrives, P is past the first. Only then does a check
+state a day or a month that needs the notice. P compares a day's statement with every notice
+from that host settled that day, so each reconciliation check settles on a past day of its
+own (within the person's filing; from ``--seed``), first stating it empty to see that P has
+no settlement on it from an earlier run.
 
 Every check is independent: fresh person, filing and claim ids from ``--seed``, its own
 records, its own time limit (``--check-timeout``). A check that expects a refusal waits
@@ -30,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import itertools
 import json
 import random
@@ -54,6 +65,7 @@ from bus.constants import (
     FAMILY_ERROR,
     FAMILY_FILING,
     FAMILY_REPLY,
+    FAMILY_SETTLEMENT,
     H_ATTEMPT,
     H_CORRELATION_ID,
     H_DEADLINE,
@@ -63,6 +75,8 @@ from bus.constants import (
     H_DLQ_ERROR_KIND,
     H_DLQ_GROUP,
     H_DLQ_OFFSET,
+    H_DLQ_ORIGINAL_SHA256,
+    H_DLQ_ORIGINAL_SIZE,
     H_DLQ_PARTITION,
     H_DLQ_TIMESTAMP,
     H_DLQ_TOPIC,
@@ -74,6 +88,7 @@ from bus.constants import (
     H_SOURCE,
     H_TARGET,
     HEADER_LEN,
+    MAX_RECORD_BYTES,
     SINGLE_OBJECT_MARKER,
     topic,
 )
@@ -84,17 +99,32 @@ from bus.models import (
     CatalogueClass,
     ClaimItem,
     ClaimPackage,
+    ClearingDecision,
+    ClearingLine,
+    ClearingResponse,
+    ClearingStatement,
+    DifferenceKind,
     ErrorCode,
     ErrorReport,
     FilingAction,
+    FilingReason,
     FilingReceipt,
     FilingStatus,
     FilingUpload,
     Message,
+    ReconciliationLine,
+    ReconciliationOutcome,
+    ReconciliationResult,
+    ReconciliationStatement,
     RequestAcknowledgement,
+    ReversalDecision,
+    ReversalReason,
+    ReversalRequest,
+    ReversalResult,
     ReviewDecision,
     ReviewResult,
     SettlementMode,
+    SettlementNotice,
     Severity,
     VisitType,
 )
@@ -132,6 +162,22 @@ UNKNOWN_ITEM: Final = "XS-CONFORMANCE-UNKNOWN"
 """An item code no host catalogue holds."""
 DLQ_KINDS_UNDECODABLE: Final = ("truncated", "malformed")
 """Kinds a receiver may give a value cut in the middle of its Avro body."""
+PADDING_HEADER: Final = "xs-conformance-padding"
+"""An unsigned header of no meaning under the contract: it makes the oversized record big
+while its value still decodes."""
+PADDING_OVER: Final = 64
+"""How many bytes the oversized record is over the contract's limit."""
+REQUESTS_CHECKED: Final = 50
+"""At most this many of P's own FilingUploads (the newest) are checked by ``headers.requests``."""
+DAYS_BACK: Final = 180
+"""The reconciliation checks settle on a past day at most this many days ago (and after the
+person's filing began): a day of its own for each, so no other check's notice is on it."""
+DAY_SLOTS: Final = 2
+"""Reconciliation checks in a run; each takes every ``DAY_SLOTS``-th day from its own offset,
+so no two take the same day."""
+DAY_TRIES: Final = 3
+"""Days a reconciliation check tries before it gives up: a day on which P already has
+settlements from the kit's host (an earlier run's) is not used."""
 
 
 class CheckFailed(Exception):
@@ -286,6 +332,8 @@ class FiledPerson:
     host_region: str
     valid_from: dt.date
     sent_at_ms: int
+    reason: FilingReason
+    """An EMERGENCY filing covers visits outside its validity (no FILING_EXPIRED)."""
 
 
 # --- watching P's output -------------------------------------------------------------------
@@ -480,6 +528,10 @@ class Kit:
         self.observer = Observer(settings, options.bootstrap, watched)
         self.persons: dict[str, list[FiledPerson]] = {}
         """Persons P filed with each kit host, newest first."""
+        self.own_requests: list[Record] = []
+        """The FilingUploads P sent to the kit's hosts (``xs-source`` P), as read."""
+        self._decoded: dict[tuple[str, int, int], Message | None] = {}
+        """P's error reports decoded, by coordinates (None: they do not decode)."""
         self._person_turn: dict[str, int] = defaultdict(int)
         self._keys: dict[str, bytes | None] = {}
         """The record key of each message id the kit sent."""
@@ -517,6 +569,16 @@ class Kit:
             deadline_ms=sent + CLAIM_DEADLINE_S * 1000,
         )
 
+    def notice_envelope(self, message: Message, source: str) -> Envelope:
+        """The headers of a message from ``source`` to P that is no request (a notice)."""
+        return Envelope(
+            message_id=new_id(),
+            message_type=message.avro_name,
+            source=source,
+            target=self.p,
+            sent_at_ms=now_ms(),
+        )
+
     def signed(self, source: str, headers: Headers, key: bytes | None, value: bytes) -> Headers:
         """``headers`` signed with ``source``'s key."""
         return self.keys.signer(source).sign(headers, key, value)
@@ -530,18 +592,27 @@ class Kit:
         return Sent(name, part, offset, key, value, headers, mid)
 
     async def send_message(
-        self, family: str, message: Message, source: str, env: Envelope | None = None
+        self,
+        family: str,
+        message: Message,
+        source: str,
+        env: Envelope | None = None,
+        *,
+        key: bytes | None = None,
     ) -> Sent:
-        """Encode, sign as ``source`` and send ``message`` to P."""
+        """Encode, sign as ``source`` and send ``message`` to P, keyed ``key`` (by default
+        its person id)."""
         env = env or self.envelope(message, source)
-        key = message.person_id.encode() if hasattr(message, "person_id") else None
+        if key is None and hasattr(message, "person_id"):
+            key = message.person_id.encode()
         value = self.codec.encode(message)
         return await self.send(
             family, key, value, self.signed(source, env.to_headers(), key, value)
         )
 
     # reading P's answers
-    def _kit_topic(self, rec: Record) -> bool:
+    def is_kit_topic(self, rec: Record) -> bool:
+        """Whether ``rec`` is on a topic of the kit's provinces (not P's own error topic)."""
         return rec.topic != topic(FAMILY_ERROR, self.p)
 
     async def answer(self, message_id: str, *, index: int = 0) -> Record:
@@ -550,7 +621,7 @@ class Kit:
 
         def find() -> Record | None:
             found = [
-                r for r in self.observer.by_correlation.get(message_id, []) if self._kit_topic(r)
+                r for r in self.observer.by_correlation.get(message_id, []) if self.is_kit_topic(r)
             ]
             return found[index] if len(found) > index else None
 
@@ -571,7 +642,7 @@ class Kit:
             return ""
         for rec in self.observer.by_key.get(key, []):
             got = dict(rec.headers).get(H_CORRELATION_ID)
-            if self._kit_topic(rec) and got != message_id.encode():
+            if self.is_kit_topic(rec) and got != message_id.encode():
                 said = "no xs-correlation-id" if got is None else f"xs-correlation-id {got!r}"
                 return f" (P sent a {self.type_of(rec)} about this person with {said})"
         return ""
@@ -654,6 +725,38 @@ class Kit:
             )
         return rec
 
+    async def report_about(
+        self, ref_message_id: str, code: ErrorCode, to: str
+    ) -> tuple[Record, ErrorReport]:
+        """The ErrorReport ``code`` P sent to ``to``'s error topic about the message
+        ``ref_message_id`` (its ``ref_message_id``): a report that is no answer, so it has no
+        ``xs-correlation-id`` to find it by; fails when none comes in time."""
+        where = topic(FAMILY_ERROR, to)
+
+        def find() -> tuple[Record, ErrorReport] | None:
+            for rec in self.observer.reports:
+                if rec.topic != where:
+                    continue
+                at = (rec.topic, rec.partition, rec.offset)
+                if at not in self._decoded:
+                    try:
+                        self._decoded[at] = self.codec.decode(rec.value or b"")
+                    except BusError:
+                        self._decoded[at] = None
+                report = self._decoded[at]
+                if (
+                    isinstance(report, ErrorReport)
+                    and report.code is code
+                    and report.ref_message_id == ref_message_id
+                ):
+                    return rec, report
+            return None
+
+        found = await self.observer.wait_for(find, self.left())
+        if found is None:
+            raise fail(f"no ErrorReport {code.value} about {ref_message_id} on {where}")
+        return found
+
     # the messages
     def filing(self) -> FilingUpload:
         """A fresh CREATE filing from the kit's home to P."""
@@ -699,9 +802,16 @@ class Kit:
         self._person_turn[side.host] += 1
         return people[turn % len(people)]
 
-    def claim(self, side: HostSide, person: FiledPerson | None = None) -> ClaimPackage:
+    def claim(
+        self,
+        side: HostSide,
+        person: FiledPerson | None = None,
+        *,
+        admitted_at: dt.datetime | None = None,
+    ) -> ClaimPackage:
         """A valid claim from ``side``'s host to P for ``person`` (None: a fresh, unfiled
-        person of the agreement's region)."""
+        person of the agreement's region), admitted at ``admitted_at`` (by default within the
+        last two days, after the filing began) and discharged an hour later."""
         agreement = side.agreement
         hospitals = self.directory.allowed_hospitals(agreement.home, side.host)
         if person is not None and not person.host_region.endswith("0000"):
@@ -731,6 +841,8 @@ class Kit:
         if person is not None:
             first = dt.datetime.combine(person.valid_from, dt.time(9), CST)
             admitted = max(admitted, min(first, now - dt.timedelta(hours=2)))
+        if admitted_at is not None:
+            admitted = admitted_at
         return ClaimPackage(
             claim_id=f"C-{side.host}-{self.unique()}",
             filing_id=person.filing_id if person else f"F-{agreement.home}-{self.unique()}",
@@ -850,6 +962,7 @@ class Kit:
             h = {k: v.decode("utf-8", "replace") for k, v in rec.headers}
             if h.get(H_SOURCE) != self.p:
                 continue
+            self.own_requests.append(rec)
             try:
                 filing = self.codec.decode_as(rec.value or b"", FilingUpload)
                 sent_at = int(h.get(H_SENT_AT, "0"))
@@ -870,7 +983,7 @@ class Kit:
             self.persons.setdefault(host, []).append(
                 FiledPerson(
                     filing.person_id, filing.filing_id, filing.home_region, filing.host_region,
-                    filing.valid_from, sent_at,
+                    filing.valid_from, sent_at, filing.reason,
                 )
             )  # fmt: skip
         for people in self.persons.values():
@@ -1193,15 +1306,17 @@ def _identities(claim: ClaimPackage, r: ReviewResult) -> list[str]:
 
 
 async def _review_result(kit: Kit, sent: Sent, first: Record) -> tuple[Record, int]:
-    """The ReviewResult answering ``sent`` (after any acknowledgements) and its index."""
+    """The terminal answer to ``sent`` (a ReviewResult to a claim; after any
+    acknowledgements) and its index."""
     index, rec = 0, first
     while kit.type_of(rec) == RequestAcknowledgement.avro_name:
         index += 1
         try:
             rec = await kit.answer(sent.message_id, index=index)
         except CheckFailed:
+            what = dict(sent.headers).get(H_MESSAGE_TYPE, b"request").decode().split(".")[-1]
             raise CheckSkipped(
-                f"{kit.p} acknowledged the claim; no review came within "
+                f"{kit.p} acknowledged the {what}; no answer came within "
                 f"{kit.timeout_s:.0f} s (a reviewer must decide)"
             ) from None
     return rec, index
@@ -1314,6 +1429,661 @@ async def _ack_deferred(kit: Kit) -> None:
         kit.decode(again, ReviewResult)  # answered meanwhile: the stored answer instead
 
 
+# --- more refusals of P as host --------------------------------------------------------------
+async def _unknown_symbol(kit: Kit) -> None:
+    filing = kit.filing().model_copy(update={"reason": FilingReason.UNKNOWN})
+    assert kit.cp.home is not None
+    sent = await kit.send_message(FAMILY_FILING, filing, kit.cp.home)
+    await kit.refused(sent, ErrorCode.INVALID_MESSAGE, "unknown_symbol")
+
+
+async def _oversized(kit: Kit) -> None:
+    filing = kit.filing()
+    assert kit.cp.home is not None
+    key = filing.person_id.encode()
+    value = kit.codec.encode(filing)
+    headers = kit.signed(kit.cp.home, kit.envelope(filing, kit.cp.home).to_headers(), key, value)
+    size = len(key) + len(value) + sum(len(n.encode()) + len(v) for n, v in headers)
+    total = MAX_RECORD_BYTES + PADDING_OVER
+    padding = b"x" * (total - size - len(PADDING_HEADER))
+    try:
+        sent = await kit.send(FAMILY_FILING, key, value, (*headers, (PADDING_HEADER, padding)))
+    except BusError as exc:
+        raise CheckSkipped(
+            f"the broker refused a {total}-byte record ({exc}): with message.max.bytes at the "
+            "contract's limit no oversized record reaches P"
+        ) from None
+    await kit.refused(sent, ErrorCode.INVALID_MESSAGE, "oversized")
+    letter = dict((await kit.dead_letter(sent)).headers)
+    problems = []
+    if letter.get(H_DLQ_CONTENT) != b"digest":
+        problems.append(f"xs-dlq-content {letter.get(H_DLQ_CONTENT)!r}, expected digest")
+    if letter.get(H_DLQ_ORIGINAL_SIZE) != str(total).encode():
+        got = letter.get(H_DLQ_ORIGINAL_SIZE)
+        problems.append(f"xs-dlq-original-size {got!r}, expected {total}")
+    if letter.get(H_DLQ_ORIGINAL_SHA256) != hashlib.sha256(value).hexdigest().encode():
+        got = letter.get(H_DLQ_ORIGINAL_SHA256)
+        problems.append(f"xs-dlq-original-sha256 {got!r}, not the SHA-256 of the value")
+    require(not problems, "; ".join(problems))
+
+
+async def _duplicate_header(kit: Kit) -> None:
+    assert kit.cp.home is not None
+    home = kit.cp.home
+
+    def doubled(h: Headers, k: bytes | None, v: bytes) -> Headers:
+        signed = kit.signed(home, h, k, v)
+        return (*signed, (H_TARGET, dict(signed)[H_TARGET]))
+
+    await _signature_refusal(kit, doubled, "duplicate_header")
+
+
+# --- more of P as home: errors, its own requests -----------------------------------------------
+def _any_side(kit: Kit) -> HostSide:
+    """The instant host, else the delayed one (skips when P has neither)."""
+    return kit.side(delayed=kit.cp.instant is None and kit.cp.delayed is not None)
+
+
+async def _expect_error(kit: Kit, side: HostSide, claim: ClaimPackage, code: ErrorCode) -> None:
+    """Send ``claim`` to P as ``side``'s host; expect an ErrorReport ``code`` keyed by the
+    person, and no review."""
+    sent, rec = await kit.claim_exchange(claim, side)
+    kit.report(rec, code)
+    require(rec.key == claim.person_id.encode(), f"report key {rec.key!r}, expected the person id")
+    await kit.no_reply(sent.message_id)
+
+
+async def _filing_expired(kit: Kit) -> None:
+    side = kit.side()
+    person = kit.person(side)
+    for _ in kit.persons.get(side.host, []):
+        if person.reason is not FilingReason.EMERGENCY:
+            break
+        person = kit.person(side)
+    if person.reason is FilingReason.EMERGENCY:
+        raise CheckSkipped(
+            f"every person {kit.p} filed with {side.host} is an EMERGENCY filing, which covers "
+            "visits outside its validity"
+        )
+    before = dt.datetime.combine(person.valid_from - dt.timedelta(days=1), dt.time(9), CST)
+    await _expect_error(
+        kit, side, kit.claim(side, person, admitted_at=before), ErrorCode.FILING_EXPIRED
+    )
+
+
+async def _hospital_not_designated(kit: Kit) -> None:
+    side = _any_side(kit)
+    known = {h.code for h in kit.directory.allowed_hospitals(side.agreement.home, side.host)}
+    code = next(
+        c
+        for c in (f"H{side.host[:2]}{'9' * n}" for n in range(6, 12))
+        if c not in known and kit.directory.hospital(c) is None
+    )
+    claim = kit.claim(side, kit.person(side)).model_copy(update={"hospital_code": code})
+    await _expect_error(kit, side, claim, ErrorCode.HOSPITAL_NOT_DESIGNATED)
+
+
+async def _orphan_reply(kit: Kit) -> None:
+    side = kit.cp.instant or kit.cp.delayed
+    source = side.host if side is not None else kit.cp.kit_provinces()[0]
+    person = kit.fresh_person(kit.cp.host_region)
+    receipt = FilingReceipt(
+        filing_id=f"F-{kit.p}-{kit.unique()}", person_id=person, host_region=source,
+        status=FilingStatus.REGISTERED, received_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+    env = replace(kit.notice_envelope(receipt, source), correlation_id=new_id())
+    sent = await kit.send_message(FAMILY_REPLY, receipt, source, env)
+    rec = await kit.answer(sent.message_id)
+    kit.report(rec, ErrorCode.ORPHAN_REPLY)
+    require(rec.topic == topic(FAMILY_ERROR, source), f"reported on {rec.topic}, not to {source}")
+
+
+def _request_problems(kit: Kit, rec: Record) -> list[str]:
+    """What is wrong with one FilingUpload P sent (its headers, id, route, key, signature)."""
+    problems: list[str] = []
+    names = [k for k, _ in rec.headers]
+    h = {k: v.decode("utf-8", "replace") for k, v in rec.headers}
+    host = rec.topic.split(".")[2]
+    for name in (H_MESSAGE_ID, H_MESSAGE_TYPE, H_SOURCE, H_TARGET, H_SENT_AT, H_REPLY_TO):
+        if name not in h:
+            problems.append(f"{name} missing")
+        elif names.count(name) > 1:
+            problems.append(f"{name} appears {names.count(name)} times")
+    if names.count(H_DEADLINE) != 1:
+        problems.append(f"xs-deadline appears {names.count(H_DEADLINE)} times, expected once")
+    if h.get(H_MESSAGE_TYPE, FilingUpload.avro_name) != FilingUpload.avro_name:
+        problems.append(f"xs-message-type {h[H_MESSAGE_TYPE]!r}, expected {FilingUpload.avro_name}")
+    if h.get(H_TARGET, host) != host:
+        problems.append(f"xs-target {h[H_TARGET]!r}, but the record is in {rec.topic}")
+    own = topic(FAMILY_REPLY, kit.p)
+    if h.get(H_REPLY_TO, own) != own:
+        problems.append(f"xs-reply-to {h[H_REPLY_TO]!r}, expected {own}")
+    sent_at = h.get(H_SENT_AT, "")
+    if not sent_at.isdigit():
+        problems.append(f"xs-sent-at {sent_at!r} is not epoch milliseconds")
+    deadline = h.get(H_DEADLINE, "")
+    if not deadline.isdigit():
+        problems.append(f"xs-deadline {deadline!r} is not epoch milliseconds")
+    elif sent_at.isdigit() and int(deadline) <= int(sent_at):
+        problems.append(f"xs-deadline {deadline} is not after xs-sent-at {sent_at}")
+    attempt = h.get(H_ATTEMPT, "1")
+    if not attempt.isdigit() or int(attempt) < 1:
+        problems.append(f"xs-attempt {attempt!r}, expected 1 or more")
+    try:
+        filing = kit.codec.decode_as(rec.value or b"", FilingUpload)
+    except BusError as exc:
+        return [*problems, f"the value does not decode as a FilingUpload: {exc}"]
+    parts = filing.filing_id.split("-", 2)
+    if not (
+        len(parts) == 3
+        and parts[0] == "F"
+        and len(parts[1]) == 6
+        and parts[1].isdigit()
+        and province_of(parts[1]) == kit.p
+        and parts[2]
+    ):
+        problems.append(f"filing_id {filing.filing_id!r} is not F-<{kit.p} or its region>-<unique>")
+    route = (province_of(filing.home_region), province_of(filing.host_region))
+    if route != (kit.p, host):
+        problems.append(f"the filing goes {route[0]}->{route[1]}, the headers {kit.p}->{host}")
+    if rec.key != filing.person_id.encode():
+        problems.append(f"key {rec.key!r}, expected the person id")
+    if H_SIGNATURE not in h:
+        return [*problems, "unsigned"]
+    try:  # the signature as of its own xs-sent-at: the filing may be days old
+        at = int(sent_at) if sent_at.isdigit() else now_ms()
+        verified = kit.verifier.verify(rec.headers, rec.key, rec.value, at)
+    except BusError as exc:
+        return [*problems, f"the signature does not verify: {exc}"]
+    key = kit.directory.keyring().get(verified.key_id)
+    if key is None or key.province != kit.p:
+        problems.append(f"signed with {verified.key_id}, not a key of {kit.p}")
+    return problems
+
+
+async def _headers_requests(kit: Kit) -> None:
+    if not kit.own_requests:
+        hosts = ", ".join(s.host for s in (kit.cp.instant, kit.cp.delayed) if s is not None)
+        raise CheckSkipped(f"{kit.p} sent no FilingUpload to the kit's hosts ({hosts or 'none'})")
+    newest = kit.own_requests[-REQUESTS_CHECKED:]
+    found = [
+        f"{rec.topic}@{rec.partition}:{rec.offset}: {p}"
+        for rec in newest
+        for p in _request_problems(kit, rec)
+    ]
+    more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+    require(not found, "; ".join(found[:5]) + more)
+
+
+# --- settlement, reconciliation, reversal, clearing: P as home ---------------------------------
+async def _reviewed(
+    kit: Kit, side: HostSide, person: FiledPerson, admitted_at: dt.datetime | None = None
+) -> tuple[ClaimPackage, Sent, ReviewResult]:
+    """A claim of ``person`` that P reviewed (skips when P gives no review: the claim checks
+    say why)."""
+    claim = kit.claim(side, person, admitted_at=admitted_at)
+    sent, first = await kit.claim_exchange(claim, side)
+    rec, _ = await _review_result(kit, sent, first)
+    if kit.type_of(rec) != ReviewResult.avro_name:
+        raise CheckSkipped(f"{kit.p} answered the claim with {kit.type_of(rec)}, no review")
+    return claim, sent, kit.decode(rec, ReviewResult)
+
+
+def _notice(claim: ClaimPackage, review: ReviewResult, settled_at: dt.datetime) -> SettlementNotice:
+    """The host's notice that ``claim`` is settled as reviewed."""
+    return SettlementNotice(
+        claim_id=claim.claim_id, personal_paid_fen=review.personal_fen, fund_fen=review.fund_fen,
+        critical_illness_fen=review.critical_illness_fen, assistance_fen=review.assistance_fen,
+        settled_at=settled_at, advance_fen=claim.advance_fen,
+        balance_fen=review.personal_fen - claim.advance_fen,
+    )  # fmt: skip
+
+
+async def _settle(
+    kit: Kit,
+    side: HostSide,
+    claim: ClaimPackage,
+    review: ReviewResult,
+    settled_at: dt.datetime,
+    *,
+    strict: bool = False,
+) -> tuple[Sent, Record]:
+    """Send the notice of ``claim`` and, under the same key (the same partition, so P reads it
+    after), a notice of a claim P never reviewed; returns the notice and the report of the
+    second, which says that P is past the first. ``strict``: fail when the second is not
+    reported or the first is refused (``settlement.notice``); else skip, naming that check."""
+    key = claim.person_id.encode()
+    notice = _notice(claim, review, settled_at)
+    sent = await kit.send_message(
+        FAMILY_SETTLEMENT, notice, side.host, kit.notice_envelope(notice, side.host), key=key
+    )
+    stray = notice.model_copy(update={"claim_id": f"C-{side.host}-{kit.unique()}"})
+    marker = await kit.send_message(
+        FAMILY_SETTLEMENT, stray, side.host, kit.notice_envelope(stray, side.host), key=key
+    )
+    try:
+        rec = await kit.answer(marker.message_id)
+        kit.report(rec, ErrorCode.INVALID_MESSAGE)
+    except CheckFailed as exc:
+        if strict and kit.observer.by_correlation.get(marker.message_id):
+            raise fail(f"a notice of claim {stray.claim_id}, never reviewed: {exc}") from None
+        if strict:
+            raise fail(
+                f"a notice of claim {stray.claim_id}, never reviewed, got no INVALID_MESSAGE "
+                f"report within {kit.timeout_s:.0f} s"
+            ) from None
+        raise CheckSkipped(
+            "cannot tell when P recorded the notice: a notice of a claim never reviewed got no "
+            "INVALID_MESSAGE (see settlement.notice)"
+        ) from None
+    if strict:
+        await asyncio.sleep(GRACE_S)
+    refused = [
+        r for r in kit.observer.by_correlation.get(sent.message_id, []) if kit.is_kit_topic(r)
+    ]
+    letter = kit.observer.dead_letters.get((sent.topic, sent.partition, sent.offset))
+    if refused or letter is not None:
+        why = f"{kit.type_of(refused[0])} on {refused[0].topic}" if refused else "dead-lettered"
+        if strict:
+            raise fail(f"the notice of reviewed claim {claim.claim_id} was refused: {why}")
+        raise CheckSkipped(f"P refused the settlement notice ({why}; see settlement.notice)")
+    return sent, rec
+
+
+async def _settlement_notice(kit: Kit) -> None:
+    side = kit.side()
+    claim, _sent, review = await _reviewed(kit, side, kit.person(side))
+    _notice_sent, rec = await _settle(
+        kit, side, claim, review, dt.datetime.now(dt.UTC), strict=True
+    )
+    report = kit.decode(rec, ErrorReport)
+    reason = report.details.get("reason")
+    require(reason == "unknown_claim", f"details.reason {reason!r}, expected 'unknown_claim'")
+    require(rec.key == claim.person_id.encode(), f"report key {rec.key!r}, expected the notice's")
+
+
+def _day_digest(lines: Sequence[ReconciliationLine]) -> str:
+    """The digest of a day's lines as the contract defines it (*Daily reconciliation*)."""
+    text = "".join(
+        f"{x.claim_id}|{x.total_fen}|{x.fund_fen}|{x.critical_illness_fen}|{x.assistance_fen}|"
+        f"{x.personal_fen}|{x.advance_fen}|{int(x.reversed)}\n"
+        for x in sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _day_statement(
+    kit: Kit, host: str, day: dt.date, lines: Sequence[ReconciliationLine]
+) -> ReconciliationStatement:
+    """The statement of ``lines`` from ``host`` to P, its totals and digest right."""
+    live = [x for x in lines if not x.reversed]
+    return ReconciliationStatement(
+        statement_id=f"S-{host}-{kit.unique()}", host=host, home=kit.p, day=day,
+        count=len(live), total_fen=sum(x.total_fen for x in live),
+        fund_fen=sum(x.fund_fen for x in live),
+        critical_illness_fen=sum(x.critical_illness_fen for x in live),
+        assistance_fen=sum(x.assistance_fen for x in live),
+        personal_fen=sum(x.personal_fen for x in live),
+        advance_fen=sum(x.advance_fen for x in live), digest=_day_digest(lines),
+        lines=tuple(sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))),
+        stated_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+
+
+async def _state_day(
+    kit: Kit, host: str, day: dt.date, lines: Sequence[ReconciliationLine]
+) -> tuple[ReconciliationStatement, Sent, Record, ReconciliationResult]:
+    """State ``day`` to P as ``host``; P's answer."""
+    statement = _day_statement(kit, host, day, lines)
+    key = f"{host}:{day.isoformat()}".encode()
+    sent = await kit.send_message(FAMILY_SETTLEMENT, statement, host, key=key)
+    first = await kit.answer(sent.message_id)
+    rec, _ = await _review_result(kit, sent, first)
+    return statement, sent, rec, kit.decode(rec, ReconciliationResult)
+
+
+async def _free_day(kit: Kit, side: HostSide, person: FiledPerson, slot: int) -> dt.date:
+    """A past day, within ``person``'s filing, on which P has no settlement from ``side``'s
+    host (an empty statement of it is MATCHED): ``slot``'s own days, so that the other
+    reconciliation check of the run never settles on it."""
+    today = dt.datetime.now(CST).date()
+    n = min(DAYS_BACK, (today - person.valid_from).days) // DAY_SLOTS
+    if n < 1:
+        raise CheckSkipped(
+            f"the person {kit.p} filed with {side.host} is valid only from {person.valid_from}: "
+            f"file one valid from {DAY_SLOTS} days ago or earlier (the check settles a past day)"
+        )
+    tried = []
+    for j in range(min(DAY_TRIES, n)):
+        day = today - dt.timedelta(days=1 + ((kit.options.seed + j) % n) * DAY_SLOTS + slot)
+        tried.append(day.isoformat())
+        *_, result = await _state_day(kit, side.host, day, [])
+        if result.outcome is ReconciliationOutcome.MATCHED:
+            return day
+        kinds = {d.kind for d in result.differences}
+        require(
+            kinds == {DifferenceKind.MISSING_AT_HOST},
+            f"an empty statement of {day} got {result.outcome.value} with "
+            f"{', '.join(sorted(k.value for k in kinds)) or 'no differences'}",
+        )
+    raise CheckSkipped(
+        f"{kit.p} has settlements from {side.host} on every day tried ({', '.join(tried)}), "
+        "an earlier run's: run with another --seed"
+    )
+
+
+async def _settled_day(
+    kit: Kit, slot: int
+) -> tuple[HostSide, dt.date, ClaimPackage, ReviewResult, ReconciliationLine]:
+    """A claim P reviewed and the kit settled on a day of its own; its line as stated."""
+    side = kit.side()
+    person = kit.person(side)
+    day = await _free_day(kit, side, person, slot)
+    admitted = dt.datetime.combine(day, dt.time(9), CST)
+    claim, _sent, review = await _reviewed(kit, side, person, admitted)
+    await _settle(kit, side, claim, review, admitted + dt.timedelta(hours=2))
+    line = ReconciliationLine(
+        claim_id=claim.claim_id, total_fen=review.total_fen, fund_fen=review.fund_fen,
+        critical_illness_fen=review.critical_illness_fen, assistance_fen=review.assistance_fen,
+        personal_fen=review.personal_fen, advance_fen=claim.advance_fen, reversed=False,
+    )  # fmt: skip
+    return side, day, claim, review, line
+
+
+def _answer_problems(
+    kit: Kit,
+    rec: Record,
+    sent: Sent,
+    paired: type[Message],
+    key: bytes | None,
+    **fields: tuple[object, object],
+) -> list[str]:
+    """The header problems of P's answer ``rec``, a key other than ``key``, and each
+    ``name=(got, expected)`` that differs."""
+    problems = kit.check_headers(rec, sent, paired)
+    if rec.key != key:
+        problems.append(f"key {rec.key!r}, expected {key!r}")
+    return problems + [
+        f"{n} {got!r}, expected {want!r}" for n, (got, want) in fields.items() if got != want
+    ]
+
+
+async def _reconciliation_matched(kit: Kit) -> None:
+    side, day, _claim, _review, line = await _settled_day(kit, slot=0)
+    statement, sent, rec, result = await _state_day(kit, side.host, day, [line])
+    require(
+        result.outcome is ReconciliationOutcome.MATCHED,
+        f"{result.outcome.value}: "
+        + "; ".join(f"{d.kind.value} {d.claim_id}: {d.note}" for d in result.differences)[:300],
+    )
+    problems = _answer_problems(
+        kit, rec, sent, ReconciliationResult, f"{side.host}:{day.isoformat()}".encode(),
+        statement_id=(result.statement_id, statement.statement_id), day=(result.day, day),
+        count=(result.count, 1), fund_fen=(result.fund_fen, line.fund_fen),
+        critical_illness_fen=(result.critical_illness_fen, line.critical_illness_fen),
+        assistance_fen=(result.assistance_fen, line.assistance_fen),
+        personal_fen=(result.personal_fen, line.personal_fen),
+    )  # fmt: skip
+    require(not problems, "; ".join(problems))
+
+
+async def _reconciliation_mismatch(kit: Kit) -> None:
+    side, day, claim, review, line = await _settled_day(kit, slot=1)
+    planted = line.model_copy(
+        update={"fund_fen": line.fund_fen + 1, "total_fen": line.total_fen + 1}
+    )
+    statement, sent, rec, result = await _state_day(kit, side.host, day, [planted])
+    require(
+        result.outcome is ReconciliationOutcome.MISMATCHED,
+        f"{result.outcome.value}, though the statement's fund share of {claim.claim_id} is "
+        f"{planted.fund_fen} fen and the notice's {review.fund_fen}",
+    )
+    diff = next((d for d in result.differences if d.claim_id == claim.claim_id), None)
+    if diff is None:
+        raise fail(f"MISMATCHED, but no difference names {claim.claim_id}")
+    problems = _answer_problems(
+        kit, rec, sent, ReconciliationResult, f"{side.host}:{day.isoformat()}".encode(),
+        statement_id=(result.statement_id, statement.statement_id), day=(result.day, day),
+        kind=(diff.kind, DifferenceKind.AMOUNT_DIFFERS),
+        host_fund_fen=(diff.host_fund_fen, planted.fund_fen),
+        home_fund_fen=(diff.home_fund_fen, review.fund_fen),
+    )  # fmt: skip
+    require(not problems, "; ".join(problems))
+    watched = [*kit.cp.kit_provinces(), kit.p]
+    require(diff.responsible in watched, f"responsible {diff.responsible!r}: no province here")
+    got, report = await kit.report_about(
+        sent.message_id, ErrorCode.RECONCILIATION_MISMATCH, diff.responsible
+    )
+    problems = [
+        f"{n} {a!r}, expected {b!r}"
+        for n, a, b in (
+            ("details.claim_id", report.details.get("claim_id"), claim.claim_id),
+            ("details.statement_id", report.details.get("statement_id"), statement.statement_id),
+            ("severity", report.severity, Severity.ERROR),
+            ("origin", report.origin, side.host),
+            ("detected_by", report.detected_by, kit.p),
+        )
+        if a != b
+    ]
+    if H_CORRELATION_ID in dict(got.headers):
+        problems.append("the report carries xs-correlation-id (it is no answer)")
+    require(not problems, "the RECONCILIATION_MISMATCH report: " + "; ".join(problems))
+
+
+def _reversal_of(
+    kit: Kit, side: HostSide, claim: ClaimPackage, request_id: str, review: ReviewResult
+) -> ReversalRequest:
+    """The host's request to cancel ``claim``, reviewed as ``review`` under ``request_id``."""
+    return ReversalRequest(
+        reversal_id=f"V-{side.host}-{kit.unique()}", claim_id=claim.claim_id,
+        claim_request_id=request_id, person_id=claim.person_id, home_region=claim.home_region,
+        host_region=claim.host_region, reason=ReversalReason.WRONG_PATIENT,
+        note="conformance kit", fund_fen=review.fund_fen,
+        critical_illness_fen=review.critical_illness_fen, assistance_fen=review.assistance_fen,
+        personal_paid_fen=review.personal_fen, requested_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+
+
+async def _reverse(
+    kit: Kit, side: HostSide, request: ReversalRequest
+) -> tuple[Sent, Record, ReversalResult]:
+    """Send ``request`` to P as ``side``'s host; P's ReversalResult (fails on anything else,
+    or on an answer about another reversal or claim)."""
+    sent = await kit.send_message(FAMILY_CLAIM, request, side.host)
+    rec, _ = await _review_result(kit, sent, await kit.answer(sent.message_id))
+    result = kit.decode(rec, ReversalResult)
+    problems = _answer_problems(
+        kit, rec, sent, ReversalResult, request.person_id.encode(),
+        reversal_id=(result.reversal_id, request.reversal_id),
+        claim_id=(result.claim_id, request.claim_id),
+    )  # fmt: skip
+    if rec.topic != topic(FAMILY_REPLY, side.host):
+        problems.append(f"sent to {rec.topic}, not the request's xs-reply-to")
+    require(not problems, "; ".join(problems))
+    return sent, rec, result
+
+
+async def _confirmed(
+    kit: Kit, *, strict: bool = False
+) -> tuple[HostSide, ClaimPackage, ReversalRequest, ReversalResult]:
+    """A claim P reviewed, and P's answer to its reversal. ``strict``: fail unless CONFIRMED
+    as the contract says (``reversal.confirmed``); else skip, naming that check."""
+    side = kit.side()
+    claim, sent, review = await _reviewed(kit, side, kit.person(side))
+    request = _reversal_of(kit, side, claim, sent.message_id, review)
+    _sent, _rec, result = await _reverse(kit, side, request)
+    problems = []
+    if result.decision is not ReversalDecision.CONFIRMED:
+        problems.append(f"{result.decision.value} {result.refusal_code}: {result.note[:120]}")
+    elif result.refusal_code is not None:
+        problems.append(f"CONFIRMED with refusal_code {result.refusal_code!r}")
+    for name, restored, share in (
+        ("fund", result.fund_restored_fen, review.fund_fen),
+        ("critical_illness", result.critical_illness_restored_fen, review.critical_illness_fen),
+        ("assistance", result.assistance_restored_fen, review.assistance_fen),
+    ):
+        if not 0 <= restored <= share:
+            problems.append(f"{name}_restored_fen {restored}, the review's share is {share}")
+    if problems and not strict:
+        raise CheckSkipped(
+            f"the reversal of a reviewed claim was not confirmed as it should be ({problems[0]}; "
+            "see reversal.confirmed)"
+        )
+    require(not problems, "; ".join(problems))
+    return side, claim, request, result
+
+
+async def _reversal_confirmed(kit: Kit) -> None:
+    await _confirmed(kit, strict=True)
+
+
+async def _reversal_idempotent(kit: Kit) -> None:
+    side, _claim, request, first = await _confirmed(kit)
+    _sent, _rec, again = await _reverse(kit, side, request)  # a new xs-message-id
+    require(
+        again == first,
+        f"the same reversal under a new message id got {again.decision.value} decided at "
+        f"{again.decided_at:%H:%M:%S.%f}, not the stored answer ({first.decision.value} at "
+        f"{first.decided_at:%H:%M:%S.%f})",
+    )
+
+
+async def _reversal_already_reversed(kit: Kit) -> None:
+    side, _claim, request, _first = await _confirmed(kit)
+    second = request.model_copy(update={"reversal_id": f"V-{side.host}-{kit.unique()}"})
+    _sent, _rec, result = await _reverse(kit, side, second)
+    require(
+        result.decision is ReversalDecision.REFUSED and result.refusal_code == "ALREADY_REVERSED",
+        f"a second reversal of reversed claim {request.claim_id} got {result.decision.value}"
+        f"{'' if result.refusal_code is None else ' ' + result.refusal_code}, expected "
+        "REFUSED ALREADY_REVERSED",
+    )
+
+
+async def _reversal_not_reviewed(kit: Kit) -> None:
+    side = _any_side(kit)
+    claim = kit.claim(side)  # never sent: P reviewed no such claim
+    review = ReviewResult(
+        claim_id=claim.claim_id, decision=ReviewDecision.APPROVED, total_fen=claim.total_fen,
+        eligible_fen=claim.total_fen, deductible_fen=0, fund_fen=claim.total_fen,
+        critical_illness_fen=0, assistance_fen=0, personal_fen=0, advance_fen=0, balance_fen=0,
+        adjustments=(), reviewer="kit", reviewed_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+    request = _reversal_of(kit, side, claim, new_id(), review)
+    _sent, _rec, result = await _reverse(kit, side, request)
+    require(
+        result.decision is ReversalDecision.REFUSED and result.refusal_code == "NOT_REVIEWED",
+        f"the reversal of a claim never reviewed got {result.decision.value}"
+        f"{'' if result.refusal_code is None else ' ' + result.refusal_code}, expected "
+        "REFUSED NOT_REVIEWED",
+    )
+    for name in ("fund", "critical_illness", "assistance"):
+        restored = getattr(result, f"{name}_restored_fen")
+        require(restored == 0, f"refused, yet {name}_restored_fen {restored}")
+
+
+def _month_statement(
+    kit: Kit, host: str, month: str, lines: Sequence[ClearingLine]
+) -> ClearingStatement:
+    """Version 1 of ``month``'s statement of ``lines`` from ``host`` to P, its totals right."""
+    live = [x for x in lines if not x.reversed]
+    return ClearingStatement(
+        statement_id=f"S-{host}-{kit.unique()}", host=host, home=kit.p, month=month, version=1,
+        replaces=None, claims=len(live), fund_fen=sum(x.fund_fen for x in live),
+        critical_illness_fen=sum(x.critical_illness_fen for x in live),
+        assistance_fen=sum(x.assistance_fen for x in live),
+        reversed_claims=len(lines) - len(live),
+        owed_fen=sum(x.fund_fen + x.critical_illness_fen + x.assistance_fen for x in live),
+        lines=tuple(sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))),
+        stated_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+
+
+async def _state_month(
+    kit: Kit, side: HostSide, month: str, lines: Sequence[ClearingLine]
+) -> tuple[ClearingStatement, Sent, ClearingResponse, list[str]]:
+    """State ``month`` to P as ``side``'s host; P's answer and what is wrong with its
+    headers, key and echoed ids."""
+    statement = _month_statement(kit, side.host, month, lines)
+    key = f"{side.host}:{month}".encode()
+    sent = await kit.send_message(FAMILY_SETTLEMENT, statement, side.host, key=key)
+    rec, _ = await _review_result(kit, sent, await kit.answer(sent.message_id))
+    response = kit.decode(rec, ClearingResponse)
+    problems = _answer_problems(
+        kit, rec, sent, ClearingResponse, key,
+        statement_id=(response.statement_id, statement.statement_id),
+        month=(response.month, month),
+        sum=(response.confirmed_fen + response.disputed_fen, statement.owed_fen),
+    )  # fmt: skip
+    return statement, sent, response, problems
+
+
+async def _clearing_confirmed(kit: Kit) -> None:
+    side = kit.side()
+    claim, _sent, review = await _reviewed(kit, side, kit.person(side))
+    settled = dt.datetime.now(dt.UTC)
+    await _settle(kit, side, claim, review, settled)
+    line = ClearingLine(
+        claim_id=claim.claim_id, fund_fen=review.fund_fen,
+        critical_illness_fen=review.critical_illness_fen, assistance_fen=review.assistance_fen,
+        reversed=False,
+    )  # fmt: skip
+    month = settled.astimezone(CST).strftime("%Y-%m")
+    statement, _sent, response, problems = await _state_month(kit, side, month, [line])
+    if response.decision is not ClearingDecision.CONFIRMED:
+        problems.insert(
+            0,
+            f"{response.decision.value}: "
+            + "; ".join(f"{d.claim_id} {d.reason_code}: {d.note}" for d in response.disputes)[:300],
+        )
+    if response.confirmed_fen != statement.owed_fen:
+        problems.append(f"confirmed_fen {response.confirmed_fen}, owed {statement.owed_fen}")
+    require(not problems, "; ".join(problems))
+
+
+async def _clearing_disputed(kit: Kit) -> None:
+    side = _any_side(kit)
+    claim_id = f"C-{side.host}-{kit.unique()}"  # never sent: P reviewed no such claim
+    line = ClearingLine(
+        claim_id=claim_id, fund_fen=ITEM_FEN, critical_illness_fen=0, assistance_fen=0,
+        reversed=False,
+    )  # fmt: skip
+    month = dt.datetime.now(CST).strftime("%Y-%m")
+    statement, sent, response, problems = await _state_month(kit, side, month, [line])
+    dispute = next((d for d in response.disputes if d.claim_id == claim_id), None)
+    if response.decision is not ClearingDecision.DISPUTED or dispute is None:
+        raise fail(
+            f"{response.decision.value} with no dispute of {claim_id}, a claim never reviewed"
+        )
+    problems += [
+        f"{n} {a!r}, expected {b!r}"
+        for n, a, b in (
+            ("reason_code", dispute.reason_code, "NOT_REVIEWED"),
+            ("home_owed_fen", dispute.home_owed_fen, None),
+            ("disputed_fen", response.disputed_fen, ITEM_FEN),
+            ("confirmed_fen", response.confirmed_fen, 0),
+        )
+        if a != b
+    ]
+    require(not problems, "; ".join(problems))
+    got, report = await kit.report_about(sent.message_id, ErrorCode.CLEARING_DISPUTED, side.host)
+    problems = [
+        f"{n} {a!r}, expected {b!r}"
+        for n, a, b in (
+            ("details.claim_id", report.details.get("claim_id"), claim_id),
+            ("details.statement_id", report.details.get("statement_id"), statement.statement_id),
+            ("details.reason_code", report.details.get("reason_code"), "NOT_REVIEWED"),
+            ("severity", report.severity, Severity.ERROR),
+            ("responsible", report.responsible, side.host),
+            ("key", got.key, f"{side.host}:{month}".encode()),
+        )
+        if a != b
+    ]
+    if H_CORRELATION_ID in dict(got.headers):
+        problems.append("the report carries xs-correlation-id (it is no answer)")
+    require(not problems, "the CLEARING_DISPUTED report: " + "; ".join(problems))
+
+
 CHECKS: Final[tuple[Check, ...]] = (
     Check(
         "receipt.filing",
@@ -1361,9 +2131,19 @@ CHECKS: Final[tuple[Check, ...]] = (
         _reply_to,
     ),
     Check(
+        "error.INVALID_MESSAGE.unknown_symbol",
+        "a filing whose enum reads UNKNOWN is refused (unknown_symbol), not handled",
+        _unknown_symbol,
+    ),
+    Check(
         "deadletter.bytes",
         "an unreadable record is dead-lettered byte for byte with the xs-dlq-* headers",
         _deadletter_bytes,
+    ),
+    Check(
+        "deadletter.oversized",
+        "a record over 1 MiB is refused (oversized): dead letter with its size and SHA-256",
+        _oversized,
     ),
     Check(
         "error.SIGNATURE_INVALID",
@@ -1381,6 +2161,11 @@ CHECKS: Final[tuple[Check, ...]] = (
         _key_not_owned,
     ),
     Check(
+        "signature.duplicate_header",
+        "a record with a signed header twice is refused (kind duplicate_header)",
+        _duplicate_header,
+    ),
+    Check(
         "signature.stale",
         "a record sent 8 days ago is refused (kind stale), not handled",
         _stale,
@@ -1394,6 +2179,16 @@ CHECKS: Final[tuple[Check, ...]] = (
         "error.NOT_FILED",
         "a claim for a person P never filed gets NOT_FILED",
         _not_filed,
+    ),
+    Check(
+        "error.FILING_EXPIRED",
+        "a claim for a visit before the person's filing began gets FILING_EXPIRED",
+        _filing_expired,
+    ),
+    Check(
+        "error.HOSPITAL_NOT_DESIGNATED",
+        "a claim from a hospital the directory does not designate gets HOSPITAL_NOT_DESIGNATED",
+        _hospital_not_designated,
     ),
     Check(
         "review.money_identities",
@@ -1424,6 +2219,61 @@ CHECKS: Final[tuple[Check, ...]] = (
         "ack.deferred",
         "a DELAYED claim answered later is acknowledged at once, and again when re-sent",
         _ack_deferred,
+    ),
+    Check(
+        "error.ORPHAN_REPLY",
+        "an answer to a request P never sent gets ORPHAN_REPLY",
+        _orphan_reply,
+    ),
+    Check(
+        "headers.requests",
+        "P's FilingUploads: xs-reply-to its reply topic, xs-deadline, its own filing_id, signed",
+        _headers_requests,
+    ),
+    Check(
+        "settlement.notice",
+        "a notice of a reviewed claim is taken; one of a claim never reviewed gets INVALID_MESSAGE",
+        _settlement_notice,
+    ),
+    Check(
+        "reconciliation.matched",
+        "a day's statement of the claims the kit settled is MATCHED",
+        _reconciliation_matched,
+    ),
+    Check(
+        "reconciliation.mismatch",
+        "a planted amount difference is MISMATCHED naming the claim, and reported",
+        _reconciliation_mismatch,
+    ),
+    Check(
+        "reversal.confirmed",
+        "a ReversalRequest of a reviewed claim is CONFIRMED, ids echoed",
+        _reversal_confirmed,
+    ),
+    Check(
+        "reversal.idempotent",
+        "the same reversal under a new message id gets the stored ReversalResult",
+        _reversal_idempotent,
+    ),
+    Check(
+        "reversal.already_reversed",
+        "a second reversal of a reversed claim is REFUSED ALREADY_REVERSED",
+        _reversal_already_reversed,
+    ),
+    Check(
+        "reversal.not_reviewed",
+        "a reversal of a claim never reviewed is REFUSED NOT_REVIEWED",
+        _reversal_not_reviewed,
+    ),
+    Check(
+        "clearing.confirmed",
+        "a month's statement of a reviewed, settled claim is CONFIRMED in full",
+        _clearing_confirmed,
+    ),
+    Check(
+        "clearing.disputed",
+        "a line of a claim never reviewed is DISPUTED NOT_REVIEWED, and reported",
+        _clearing_disputed,
     ),
 )
 """Every check, in the order reported."""
@@ -1561,7 +2411,15 @@ async def run_conformance(
             "give their private keys with --keys DIR (<code>.pem)"
         )
     needed = [
-        topic(f, options.province) for f in (FAMILY_FILING, FAMILY_CLAIM, FAMILY_ERROR, FAMILY_DLQ)
+        topic(f, options.province)
+        for f in (
+            FAMILY_FILING,
+            FAMILY_CLAIM,
+            FAMILY_SETTLEMENT,
+            FAMILY_REPLY,
+            FAMILY_ERROR,
+            FAMILY_DLQ,
+        )
     ]
     needed += [
         topic(f, k) for k in cp.kit_provinces() for f in (FAMILY_FILING, FAMILY_REPLY, FAMILY_ERROR)

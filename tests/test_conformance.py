@@ -20,25 +20,34 @@ import pytest
 
 import adapters.directory
 import adapters.province
+import adapters.reconciliation
 import adapters.rules
 import bus.deadletter
+from adapters.backoffice import SqlBackOffice
 from adapters.directory import Directory
 from adapters.gateway.service import Gateway
 from adapters.gateway.testing import client, gateway_config, running_gateway
 from bus.broker import EmbeddedBroker, create_contract_topics
-from bus.constants import H_SIGNATURE
-from bus.models import ReviewResult
+from bus.codec import Codec
+from bus.constants import FAMILY_FILING, FAMILY_REPLY, H_SIGNATURE, topic
+from bus.envelope import Envelope, new_id, now_ms
+from bus.models import ReconciliationDifference, ReversalResult, ReviewResult
 from bus.settings import BusSettings
 from bus.signing import Trust, generate_pem
 from bus.store import OutRecord
+from bus.transport import Record
+from simulators import samples
 from simulators.cli import main
 from simulators.conformance import (
     CHECKS,
     FAIL,
     SKIP,
+    Counterparts,
     Keys,
+    Kit,
     KitOptions,
     Report,
+    _request_problems,
     run_conformance,
 )
 
@@ -48,7 +57,7 @@ P = "460000"
 """Hainan: host of many homes' filings, home of Haikou (460100) with agreements as home."""
 INSTANT_HOST, DELAYED_HOST = "530000", "130000"
 """Hosts of Haikou's INSTANT and DELAYED agreements: the kit plays them."""
-PERSONS_INSTANT = 5
+PERSONS_INSTANT = 14
 """Persons filed with the instant host: one per check that needs a filed person."""
 TIMEOUT_S = 10.0
 """Check timeout of the test runs (everything answers in well under a second)."""
@@ -181,6 +190,7 @@ async def test_a_province_that_checks_no_signature_fails_the_signature_checks(
         "error.SIGNATURE_INVALID",
         "signature.bad_signature",
         "signature.key_not_owned",
+        "signature.duplicate_header",
         "signature.stale",
         "signature.replayed",
     ], report.lines()
@@ -203,6 +213,66 @@ async def test_dead_letters_without_the_original_signature_fail_deadletter_bytes
     assert report.failed() == ["deadletter.bytes"], report.lines()
     why = next(r.why for r in report.results if r.check.id == "deadletter.bytes")
     assert "byte for byte" in why
+
+
+async def test_a_home_that_matches_statements_without_comparing_fails_reconciliation_mismatch(
+    settings: BusSettings, tmp_path: Path
+) -> None:
+    def no_differences(*args: Any, **kwargs: Any) -> list[ReconciliationDifference]:
+        return []
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapters.reconciliation, "compare", no_differences)
+        async with province_under_test(settings, tmp_path) as bootstrap:
+            report = await conformance(bootstrap, settings, seed=6)
+    assert report.failed() == ["reconciliation.mismatch"], report.lines()
+    why = next(r.why for r in report.results if r.check.id == "reconciliation.mismatch")
+    assert why.startswith("MATCHED, though the statement's fund share"), why
+
+
+async def test_a_home_that_confirms_a_reversal_twice_fails_already_reversed(
+    settings: BusSettings, tmp_path: Path
+) -> None:
+    def never_reversed(self: SqlBackOffice, claim_id: str) -> ReversalResult | None:
+        return None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SqlBackOffice, "confirmed_reversal_of", never_reversed)
+        async with province_under_test(settings, tmp_path) as bootstrap:
+            report = await conformance(bootstrap, settings, seed=7)
+    assert report.failed() == ["reversal.already_reversed"], report.lines()
+    why = next(r.why for r in report.results if r.check.id == "reversal.already_reversed")
+    assert "got CONFIRMED, expected REFUSED ALREADY_REVERSED" in why
+
+
+async def test_headers_requests_names_what_is_wrong_with_a_filing_of_p(
+    settings: BusSettings,
+) -> None:
+    """P's own FilingUploads: a right one passes; one answered elsewhere, with another
+    province's filing id, unsigned, is named for each."""
+    directory = Directory.default()
+    keys = Keys(directory)
+    cp = Counterparts.choose(directory, P, keys.provinces())
+    kit = Kit(KitOptions(P, "127.0.0.1:1", seed=1), settings, directory, keys, cp)
+    filing = samples.filing(home="460100", host=INSTANT_HOST, person="460102197001010001")
+    key, where = filing.person_id.encode(), topic(FAMILY_FILING, INSTANT_HOST)
+
+    def sent(filing_id: str, reply_to: str, signed: bool = True) -> Record:
+        value = Codec().encode(filing.model_copy(update={"filing_id": filing_id}))
+        at = now_ms()
+        env = Envelope(
+            message_id=new_id(), message_type=filing.avro_name, source=P, target=INSTANT_HOST,
+            sent_at_ms=at, reply_to=reply_to, deadline_ms=at + 60_000,
+        )  # fmt: skip
+        headers = env.to_headers()
+        if signed:
+            headers = keys.signer(P).sign(headers, key, value)
+        return Record(where, 0, 0, at, key, value, headers)
+
+    own = topic(FAMILY_REPLY, P)
+    assert _request_problems(kit, sent("F-460100-1", own)) == []
+    problems = _request_problems(kit, sent("F-130100-1", topic(FAMILY_REPLY, "130000"), False))
+    assert [p.split(" ")[0] for p in problems] == ["xs-reply-to", "filing_id", "unsigned"]
 
 
 def test_keys_from_a_folder_sign_under_the_key_id_the_directory_publishes(tmp_path: Path) -> None:
