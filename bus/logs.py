@@ -156,6 +156,12 @@ def renders_json() -> bool:
     return bool(processors) and isinstance(processors[-1], structlog.processors.JSONRenderer)
 
 
+CACHE_LOGGERS = True
+"""Whether a logger keeps the configuration it first logged with (fast: a process configures
+once). The test suite turns it off: its tests configure and capture logs in turn in one
+process, and a cached logger would keep the first test's level and renderer."""
+
+
 def configure(*, json: bool = False, level: str = "INFO") -> None:
     """Set up structlog for a process: masked, timestamped, console or JSON lines on stderr;
     the standard library's log records (WARNING and above) go through it too."""
@@ -175,7 +181,7 @@ def configure(*, json: bool = False, level: str = "INFO") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=_stderr_logger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
     client = logging.getLogger(KAFKA_CLIENT_LOGGER)
     handler = _ToStructlog(logging.WARNING, "kafka_client")

@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+import bus.logs
 from bus.broker import EmbeddedBroker, create_contract_topics
 from bus.codec import Codec
 from bus.node import Node
@@ -18,6 +20,17 @@ from bus.pg import EmbeddedPostgres
 from bus.settings import BusSettings
 from bus.signing import Trust
 from simulators.keys import demo_trust
+
+bus.logs.CACHE_LOGGERS = False  # see its docstring: tests configure logging in turn
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """A test that configures logging (a command's ``main``, ``--log-json``) leaves it as it
+    found it: a later test in the same process captures info events at any level."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="module")
