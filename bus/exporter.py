@@ -39,15 +39,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bus.metrics import LATENCY_BUCKETS_S, Metrics
 from bus.transport import Partition
+from schemas import CONTRACT_VERSION
 
 log = structlog.get_logger(__name__)
 
 LAG_TIMEOUT_S = 2.0
 """Longest a scrape waits for one node's consumer lag."""
-
-CONTRACT_VERSION = "1.3"
-"""The wire contract this code speaks (docs/contract.md, the newest folder of
-schemas/history/), served as a label of ``xsettle_build_info``."""
 
 
 def _version() -> str:

@@ -48,18 +48,17 @@ ADOPT_INTERVAL_S = 1.0
 """How often a relay looks for rows left by an instance that died."""
 
 
-def family_of_topic(name: str) -> str:
-    """The contract family of a topic name (``?`` for a topic outside the contract)."""
-    parsed = TOPIC_RE.match(name)
-    return parsed.group(1) if parsed else "?"
-
-
 @functools.lru_cache(maxsize=1024)
 def route_of_topic(name: str) -> tuple[str, str]:
     """(family, province) of a topic name, ``("?", "?")`` outside the contract: the labels
-    of a record sent there. Cached: a node sends to a few dozen topics."""
+    of a record sent there. Cached: a node sends to and reads from a few dozen topics."""
     parsed = TOPIC_RE.match(name)
     return (parsed.group(1), parsed.group(2)) if parsed else ("?", "?")
+
+
+def family_of_topic(name: str) -> str:
+    """The contract family of a topic name (``?`` for a topic outside the contract)."""
+    return route_of_topic(name)[0]
 
 
 def resent(record: OutRecord) -> OutRecord:

@@ -13,4 +13,9 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 HISTORY_DIR = SCHEMA_DIR / "history"
 """Folder holding superseded writer schemas (still readable, never written)."""
 
-__all__ = ["HISTORY_DIR", "SCHEMA_DIR"]
+CONTRACT_VERSION = "1.3"
+"""The wire contract these schemas are (``docs/contract.md``'s title, the newest folder of
+``history/``; tests hold the three together): the AsyncAPI document's version and a label of
+``xsettle_build_info``."""
+
+__all__ = ["CONTRACT_VERSION", "HISTORY_DIR", "SCHEMA_DIR"]

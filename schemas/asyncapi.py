@@ -10,7 +10,7 @@ The document is built, never written by hand, from:
   them;
 - the record headers (:mod:`bus.constants`, :mod:`bus.signing`) as each message's headers
   schema, and the record key as its Kafka message binding;
-- the contract version, the newest entry of ``history/CHANGES.md`` (``v1.3`` is ``1.3.0``).
+- the contract version, :data:`schemas.CONTRACT_VERSION` (``1.3`` is ``1.3.0``).
 
 Operations are described from one province's point of view: it *receives* on its own five
 inboxes and *sends* to other provinces' inboxes, its own error topic and its dead-letter topic.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from typing import Any, Final
 
 from bus.codec import fingerprint
@@ -79,7 +78,7 @@ from bus.models import (
     RequestAcknowledgement,
 )
 from bus.signing import ALGORITHMS, SIGNED_HEADERS
-from schemas import HISTORY_DIR, SCHEMA_DIR
+from schemas import CONTRACT_VERSION, SCHEMA_DIR
 
 ASYNCAPI_VERSION: Final = "3.0.0"
 """The AsyncAPI specification version the document follows."""
@@ -285,13 +284,9 @@ FAMILY_TEXT: Final[dict[str, str]] = {
 
 
 def contract_version() -> str:
-    """The contract version as AsyncAPI wants it (``v1.3`` is ``1.3.0``): the newest entry of
-    ``history/CHANGES.md``, which lists every published version, newest first."""
-    text = (HISTORY_DIR / "CHANGES.md").read_text(encoding="utf-8")
-    found = re.search(r"^## v(\d+)\.(\d+)\b", text, flags=re.M)
-    if found is None:
-        raise ValueError("schemas/history/CHANGES.md names no version (a '## vX.Y' heading)")
-    return f"{found.group(1)}.{found.group(2)}.0"
+    """The contract version as AsyncAPI wants it: :data:`schemas.CONTRACT_VERSION` ``1.3`` is
+    ``1.3.0``."""
+    return f"{CONTRACT_VERSION}.0"
 
 
 def _name(model: type[Message]) -> str:

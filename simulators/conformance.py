@@ -54,6 +54,7 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
+from adapters import clearing, reconciliation
 from adapters.directory import Agreement, Directory, province_of
 from adapters.rules import item_amount_fen, max_advance_fen
 from bus.codec import Codec, SchemaStore
@@ -74,12 +75,9 @@ from bus.constants import (
     H_DLQ_ERROR,
     H_DLQ_ERROR_KIND,
     H_DLQ_GROUP,
-    H_DLQ_OFFSET,
     H_DLQ_ORIGINAL_SHA256,
     H_DLQ_ORIGINAL_SIZE,
-    H_DLQ_PARTITION,
     H_DLQ_TIMESTAMP,
-    H_DLQ_TOPIC,
     H_MESSAGE_ID,
     H_MESSAGE_TYPE,
     H_REPLY_TO,
@@ -92,6 +90,7 @@ from bus.constants import (
     SINGLE_OBJECT_MARKER,
     topic,
 )
+from bus.deadletter import parse_dead_letter
 from bus.envelope import Envelope, new_id, now_ms
 from bus.errors import BusError
 from bus.models import (
@@ -396,15 +395,14 @@ class Observer:
             return
         headers = dict(rec.headers)
         if rec.topic.split(".")[1] == FAMILY_DLQ:
-            try:
-                where = (
-                    headers[H_DLQ_TOPIC].decode(),
-                    int(headers[H_DLQ_PARTITION]),
-                    int(headers[H_DLQ_OFFSET]),
-                )
-            except (KeyError, ValueError, UnicodeDecodeError):
-                return
-            self.dead_letters.setdefault(where, rec)
+            info = parse_dead_letter(rec.headers)
+            topic_, partition, offset = (
+                info.original_topic,
+                info.original_partition,
+                info.original_offset,
+            )
+            if topic_ is not None and partition is not None and offset is not None:
+                self.dead_letters.setdefault((topic_, partition, offset), rec)
             return
         if rec.topic.split(".")[1] == FAMILY_ERROR:
             self.reports.append(rec)
@@ -707,7 +705,7 @@ class Kit:
         got_dlq = report.details.get("dlq_topic")
         require(got_dlq == dlq, f"details.dlq_topic {got_dlq!r}, expected {dlq}")
         letter = await self.dead_letter(sent)
-        got = dict(letter.headers).get(H_DLQ_ERROR_KIND, b"").decode("utf-8", "replace")
+        got = parse_dead_letter(letter.headers).error_kind or ""
         require(got == kind, f"dead letter xs-dlq-error-kind {got!r}, expected {kind!r}")
         await self.no_reply(sent.message_id)
         return report
@@ -1257,7 +1255,7 @@ async def _replayed(kit: Kit) -> None:
         f"the report names offset {report.ref_offset}, the copy is at {copy.offset}",
     )
     letter = await kit.dead_letter(copy)
-    got = dict(letter.headers).get(H_DLQ_ERROR_KIND, b"").decode()
+    got = parse_dead_letter(letter.headers).error_kind or ""
     require(got == "replayed", f"dead letter kind {got!r}, expected 'replayed'")
 
 
@@ -1702,39 +1700,11 @@ async def _settlement_notice(kit: Kit) -> None:
     require(rec.key == claim.person_id.encode(), f"report key {rec.key!r}, expected the notice's")
 
 
-def _day_digest(lines: Sequence[ReconciliationLine]) -> str:
-    """The digest of a day's lines as the contract defines it (*Daily reconciliation*)."""
-    text = "".join(
-        f"{x.claim_id}|{x.total_fen}|{x.fund_fen}|{x.critical_illness_fen}|{x.assistance_fen}|"
-        f"{x.personal_fen}|{x.advance_fen}|{int(x.reversed)}\n"
-        for x in sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _day_statement(
-    kit: Kit, host: str, day: dt.date, lines: Sequence[ReconciliationLine]
-) -> ReconciliationStatement:
-    """The statement of ``lines`` from ``host`` to P, its totals and digest right."""
-    live = [x for x in lines if not x.reversed]
-    return ReconciliationStatement(
-        statement_id=f"S-{host}-{kit.unique()}", host=host, home=kit.p, day=day,
-        count=len(live), total_fen=sum(x.total_fen for x in live),
-        fund_fen=sum(x.fund_fen for x in live),
-        critical_illness_fen=sum(x.critical_illness_fen for x in live),
-        assistance_fen=sum(x.assistance_fen for x in live),
-        personal_fen=sum(x.personal_fen for x in live),
-        advance_fen=sum(x.advance_fen for x in live), digest=_day_digest(lines),
-        lines=tuple(sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))),
-        stated_at=dt.datetime.now(dt.UTC),
-    )  # fmt: skip
-
-
 async def _state_day(
     kit: Kit, host: str, day: dt.date, lines: Sequence[ReconciliationLine]
 ) -> tuple[ReconciliationStatement, Sent, Record, ReconciliationResult]:
     """State ``day`` to P as ``host``; P's answer."""
-    statement = _day_statement(kit, host, day, lines)
+    statement = reconciliation.statement_of(host, kit.p, day, lines, f"S-{host}-{kit.unique()}")
     key = f"{host}:{day.isoformat()}".encode()
     sent = await kit.send_message(FAMILY_SETTLEMENT, statement, host, key=key)
     first = await kit.answer(sent.message_id)
@@ -1982,29 +1952,14 @@ async def _reversal_not_reviewed(kit: Kit) -> None:
         require(restored == 0, f"refused, yet {name}_restored_fen {restored}")
 
 
-def _month_statement(
-    kit: Kit, host: str, month: str, lines: Sequence[ClearingLine]
-) -> ClearingStatement:
-    """Version 1 of ``month``'s statement of ``lines`` from ``host`` to P, its totals right."""
-    live = [x for x in lines if not x.reversed]
-    return ClearingStatement(
-        statement_id=f"S-{host}-{kit.unique()}", host=host, home=kit.p, month=month, version=1,
-        replaces=None, claims=len(live), fund_fen=sum(x.fund_fen for x in live),
-        critical_illness_fen=sum(x.critical_illness_fen for x in live),
-        assistance_fen=sum(x.assistance_fen for x in live),
-        reversed_claims=len(lines) - len(live),
-        owed_fen=sum(x.fund_fen + x.critical_illness_fen + x.assistance_fen for x in live),
-        lines=tuple(sorted(lines, key=lambda x: x.claim_id.encode("utf-8"))),
-        stated_at=dt.datetime.now(dt.UTC),
-    )  # fmt: skip
-
-
 async def _state_month(
     kit: Kit, side: HostSide, month: str, lines: Sequence[ClearingLine]
 ) -> tuple[ClearingStatement, Sent, ClearingResponse, list[str]]:
     """State ``month`` to P as ``side``'s host; P's answer and what is wrong with its
     headers, key and echoed ids."""
-    statement = _month_statement(kit, side.host, month, lines)
+    statement = clearing.statement_of(
+        side.host, kit.p, month, lines, f"S-{side.host}-{kit.unique()}"
+    )
     key = f"{side.host}:{month}".encode()
     sent = await kit.send_message(FAMILY_SETTLEMENT, statement, side.host, key=key)
     rec, _ = await _review_result(kit, sent, await kit.answer(sent.message_id))

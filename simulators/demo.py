@@ -76,8 +76,6 @@ DEMO_REVERSALS: Final = 3
 """Settled claims the demo's hosts cancel at the end of the day (a duplicate bill each)."""
 FILINGS_IN_FLIGHT: Final = 24
 """Filings the agency counters send at once, across provinces (each waits for the broker)."""
-WAITING_SCAN: Final = 2_000
-"""Pending requests read per province to name whom a stalled run waits for."""
 HOSPITAL_CONNECTIONS: Final = 16
 """Most connections of one gateway's hospital desks (over sockets): the visits in flight are
 spread over the hosts, and every request scans the pool's idle connections."""
@@ -691,8 +689,8 @@ class Simulation:
             waits.append(f"{silent} {named(silent)} (silenced by the scenario)")
         owed: Counter[str] = Counter()
         for s in self.systems.values():
-            for request in s.node.store.pending_requests(WAITING_SCAN):
-                owed[request.target] += 1
+            for target, (n, _, _) in s.node.store.pending_by_target(now_ms()).items():
+                owed[target] += n
         waits += [f"{code} {named(code)} ({n} unanswered)" for code, n in owed.most_common()]
         return waits
 

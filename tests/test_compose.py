@@ -1807,7 +1807,8 @@ class TestMetricsServices:
     def test_build_info_names_the_contract_of_the_docs(self) -> None:
         """xsettle_build_info's contract label is the version docs/contract.md describes and
         the newest folder of schemas/history/."""
-        from bus.exporter import BUILD, CONTRACT_VERSION
+        from bus.exporter import BUILD
+        from schemas import CONTRACT_VERSION
 
         doc = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8").splitlines()[0]
         found = re.search(r"\bv(\d+\.\d+)\b", doc)
@@ -1836,9 +1837,10 @@ class TestMetricsServices:
         from bus.broker import create_contract_topics
         from bus.constants import PROVINCE_RE, topic
         from bus.envelope import Envelope, new_id, now_ms
-        from bus.exporter import CONTRACT_VERSION, start_exporter
+        from bus.exporter import start_exporter
         from bus.models import ClaimPackage, ErrorCode, Message
         from bus.node import Context
+        from schemas import CONTRACT_VERSION
         from simulators import samples
         from tests.helpers import eventually, produce_raw
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -204,3 +204,35 @@ class TestCounterpartyGauges:
         assert node.metrics.get("xsettle_answers_total", outcome="deadline", counterparty=silent)
         code = ErrorCode.DEADLINE_EXCEEDED.value
         assert node.metrics.get("xsettle_errors_total", code=code, responsible=silent) == 2
+
+
+@pytest.mark.broker
+async def test_a_stalled_run_names_the_provinces_owing_answers(
+    make_node: NodeFactory, province_pool: ProvincePool
+) -> None:
+    """The progress display's "waiting for" (``Simulation.waiting_for``): the provinces that
+    owe the provinces run here answers, most first, from the same grouped read as the
+    gauges."""
+    from types import SimpleNamespace
+
+    from adapters.directory import Directory
+    from simulators.demo import Simulation
+
+    host_code, busy, quiet = (province_pool.take() for _ in range(3))
+    node = await make_node(host_code, sweep_interval_ms=600_000)
+    await node.wait_ready()
+    for n, to in enumerate((busy, busy, quiet)):
+        claim = samples.claim(
+            home=to[:2] + "0100", host=host_code[:2] + "0100", claim_id=f"C-{host_code}-{n}"
+        )
+        await node.request(claim, deadline_s=600)
+    directory = Directory.default()
+    sim: Any = SimpleNamespace(
+        directory=directory,
+        scenario=SimpleNamespace(faults=SimpleNamespace(silent_home=None)),
+        systems={host_code: SimpleNamespace(node=node)},
+    )
+    waits = Simulation.waiting_for(sim)
+    assert [w.split()[0] for w in waits] == [busy, quiet]
+    assert waits[0].endswith("(2 unanswered)")
+    assert waits[1].endswith("(1 unanswered)")
